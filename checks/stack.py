@@ -1,0 +1,321 @@
+"""Load and validate stack files (``stacks/*.yml``) and node manifests.
+
+A stack file pins the whole software stack of a node. It is the single source of truth: Ansible
+reads it through ``lookup_plugins/peftnode_stack.py`` (which calls :func:`load_stack`), and
+``invoke verify`` reads the same file as its expectations. Every problem is reported as
+``<file>: <key.path>: <reason>``, so a bad stack is refused before anything runs.
+
+A node manifest (written by provisioning to ``/etc/peftnode/manifest.yml``) embeds the full stack
+plus this host's expectations, so a node can be verified without the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+
+SCHEMA_VERSION = 1
+REPO_STACKS = Path(__file__).resolve().parent.parent / "stacks"
+DEFAULT_MANIFEST = Path("/etc/peftnode/manifest.yml")
+DEFAULT_STACK = "cu117"
+
+
+class StackError(Exception):
+    """A stack file or manifest that cannot be used. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+# --- a small schema language: enough to name the key and the reason for every problem -----------
+
+Check = Callable[[Any, str, list], None]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def Str(pattern: str | None = None, what: str | None = None, choices: tuple[str, ...] | None = None) -> Check:
+    rx = re.compile(pattern) if pattern else None
+
+    def check(value, path, problems):
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {_type_name(value)} {value!r}")
+        elif choices is not None and value not in choices:
+            problems.append(f"{path}: {value!r} is not one of {', '.join(choices)}")
+        elif rx and not rx.fullmatch(value):
+            problems.append(f"{path}: {value!r} is not {what or 'of the form ' + pattern}")
+
+    return check
+
+
+def Int(minimum: int | None = None, maximum: int | None = None) -> Check:
+    def check(value, path, problems):
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
+        elif (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            problems.append(f"{path}: {value} is outside {minimum}..{maximum if maximum is not None else ''}")
+
+    return check
+
+
+def Number(minimum: float = 0.0) -> Check:
+    def check(value, path, problems):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {_type_name(value)} {value!r}")
+        elif value < minimum:
+            problems.append(f"{path}: {value} is below {minimum}")
+
+    return check
+
+
+def Bool() -> Check:
+    def check(value, path, problems):
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
+
+    return check
+
+
+def Nullable(inner: Check) -> Check:
+    def check(value, path, problems):
+        if value is not None:
+            inner(value, path, problems)
+
+    return check
+
+
+def List(item: Check, min_items: int = 0, unique: bool = False) -> Check:
+    def check(value, path, problems):
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {_type_name(value)}")
+            return
+        if len(value) < min_items:
+            problems.append(f"{path}: needs at least {min_items} item(s)")
+        for i, v in enumerate(value):
+            item(v, f"{path}[{i}]", problems)
+        if unique:
+            seen = [repr(v) for v in value]
+            dups = sorted({s for s in seen if seen.count(s) > 1})
+            if dups:
+                problems.append(f"{path}: duplicate item(s) {', '.join(dups)}")
+
+    return check
+
+
+def Map(required: dict[str, Check], optional: dict[str, Check] | None = None) -> Check:
+    optional = optional or {}
+
+    def check(value, path, problems):
+        if not isinstance(value, dict):
+            problems.append(f"{path or 'top level'}: expected a mapping, got {_type_name(value)}")
+            return
+        prefix = f"{path}." if path else ""
+        for key in value:
+            if key not in required and key not in optional:
+                accepted = ", ".join(sorted([*required, *optional]))
+                problems.append(f"{prefix}{key}: unknown key (accepted here: {accepted})")
+        for key, sub in required.items():
+            if key not in value:
+                problems.append(f"{prefix}{key}: missing (required)")
+            else:
+                sub(value[key], f"{prefix}{key}", problems)
+        for key, sub in optional.items():
+            if key in value:
+                sub(value[key], f"{prefix}{key}", problems)
+
+    return check
+
+
+def _requirement(value, path, problems):
+    if not isinstance(value, str):
+        problems.append(f"{path}: expected a PEP 508 requirement string, got {_type_name(value)}")
+        return
+    try:
+        Requirement(value)
+    except InvalidRequirement as exc:
+        problems.append(f"{path}: {value!r} is not a valid PEP 508 requirement ({str(exc).splitlines()[0]})")
+
+
+SHA256 = Nullable(Str(r"[0-9a-f]{64}", "a sha256 (64 lowercase hex digits) or null"))
+ARTIFACT = Map(
+    {"file": Str(r"[^/\s]+", "a plain file name"), "sha256": SHA256},
+    {"url": Nullable(Str(r"(https?|file)://\S+", "an http(s):// or file:// URL"))},
+)
+
+
+def _component(version_rx: str, what: str, **extra: Check) -> Check:
+    return Map({"version": Str(version_rx, what), "artifact": ARTIFACT}, extra)
+
+
+ABS_PATH = Str(r"/\S*", "an absolute path")
+
+# What a node is expected to have. Stack files give defaults (the seed's node: 8 GPUs); the node
+# manifest written by provisioning overrides them per host.
+NODE_FIELDS: dict[str, Check] = {
+    "gpus": Int(0, 64),  # GPUs this node must have; 0 = a node without GPUs (checks that need one skip)
+    "gpu_model": Nullable(Str()),  # substring of the NVML product name, e.g. "A800"
+    "data_path": ABS_PATH,  # where datasets and outputs live (free-disk check)
+    "min_free_gib": Map({}, {"model": Number(), "data": Number()}),
+    "jupyter_url": Nullable(Str(r"https?://\S+", "an http(s):// URL")),  # default: from jupyterlab.bind/port
+}
+
+STACK_SCHEMA = Map(
+    {
+        "schema": Int(SCHEMA_VERSION, SCHEMA_VERSION),
+        "name": Str(r"[a-z0-9][a-z0-9_.-]*", "a lowercase name (letters, digits, . _ -)"),
+        "description": Str(),
+        "openssl": _component(r"\d+\.\d+\.\d+[a-z]?", "an OpenSSL version like 1.1.1t or 3.0.13"),
+        "python": _component(r"3\.\d+\.\d+", "a full Python version like 3.10.12"),
+        "nvidia_driver": _component(r"\d{3}\.\d+(\.\d+)?", "a driver version like 515.65.01"),
+        "cuda": _component(r"\d+\.\d+\.\d+", "a full CUDA version like 11.7.1"),
+        "nccl": _component(
+            r"\d+\.\d+\.\d+", "an NCCL version like 2.14.3",
+            package=Str(r"\d+\.\d+\.\d+-\d+\+cuda\d+\.\d+", "an NCCL package version like 2.14.3-1+cuda11.7"),
+        ),
+        "cudnn": _component(r"\d+\.\d+\.\d+\.\d+", "a cuDNN version like 8.8.1.3"),
+        "venv": Map(
+            {"name": Str(r"[A-Za-z0-9_.-]+", "a directory name"), "requirements": List(_requirement, 1)},
+            {"path": ABS_PATH, "extra_index_url": Nullable(Str(r"(https?|file)://\S+", "a URL"))},
+        ),
+        "jupyterlab": Map(
+            {"enabled": Bool(), "port": Int(1, 65535)},
+            {"bind": Str(), "base_url": Str(r"/\S*", "a path starting with /")},
+        ),
+        "model": Map(
+            {"name": Str(), "path": ABS_PATH},
+            {
+                "repo": Nullable(Str()),
+                "files": List(Map({"file": Str(r"\S+", "a relative file name"), "sha256": SHA256})),
+            },
+        ),
+        "finetune": Map({"methods": List(Str(r"[a-z0-9_]+", "a method name"), 1, unique=True)}),
+        "node": Map({"gpus": NODE_FIELDS["gpus"]}, {k: v for k, v in NODE_FIELDS.items() if k != "gpus"}),
+    }
+)
+
+def _cross_checks(data: dict, problems: list[str]) -> None:
+    """Rules that tie keys together: a torch build for CUDA X.Y needs the stack's CUDA to be X.Y."""
+    cuda = str(data["cuda"]["version"]).split(".")
+    tag = f"cu{cuda[0]}{cuda[1]}" if len(cuda) >= 2 else None
+    for i, text in enumerate(data["venv"]["requirements"]):
+        req = Requirement(text)
+        for spec in req.specifier:
+            local = spec.version.partition("+")[2]
+            if local.startswith("cu") and tag and local != tag:
+                problems.append(
+                    f"venv.requirements[{i}]: {text!r} is built for {local} but cuda.version is "
+                    f"{data['cuda']['version']} ({tag})"
+                )
+    pkg = data["nccl"].get("package")
+    if pkg and not pkg.startswith(data["nccl"]["version"] + "-"):
+        problems.append(f"nccl.package: {pkg!r} does not match nccl.version {data['nccl']['version']!r}")
+
+
+def validate_stack(data: Any, source: str = "<stack>") -> dict:
+    """Validate a parsed stack mapping; return it, or raise StackError naming source, key and reason."""
+    problems: list[str] = []
+    STACK_SCHEMA(data, "", problems)
+    if not problems:
+        _cross_checks(data, problems)
+    if problems:
+        raise StackError([f"{source}: {p}" for p in problems])
+    return data
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StackError([f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise StackError([f"{path}: cannot read ({exc.strerror})"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise StackError([f"{path}{where}: not valid YAML ({reason})"]) from None
+
+
+def stack_dirs() -> list[Path]:
+    """Where stacks are looked up by name: $PEFTNODE_STACKS (colon-separated), the repository's
+    ``stacks/``, then ``/etc/peftnode/stacks``."""
+    dirs = [Path(p) for p in os.environ.get("PEFTNODE_STACKS", "").split(":") if p]
+    return [*dirs, REPO_STACKS, Path("/etc/peftnode/stacks")]
+
+
+def available_stacks() -> list[str]:
+    names: set[str] = set()
+    for d in stack_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yml"))
+    return sorted(names)
+
+
+def resolve_stack(name_or_path: str) -> Path:
+    """A stack name (``cu117``) or a file path (``./my.yml``) → the file to load."""
+    candidate = Path(name_or_path)
+    looks_like_path = "/" in name_or_path or candidate.suffix in (".yml", ".yaml")
+    if looks_like_path:
+        return candidate
+    for d in stack_dirs():
+        for suffix in (".yml", ".yaml"):
+            path = d / f"{name_or_path}{suffix}"
+            if path.is_file():
+                return path
+    known = ", ".join(available_stacks()) or "none found"
+    raise StackError([f"no stack named {name_or_path!r} (known stacks: {known}; or give a file path)"])
+
+
+@dataclass
+class Stack:
+    """A validated stack and where it came from."""
+
+    data: dict
+    source: str
+    node: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.data["name"]
+
+    def expectations(self) -> dict:
+        """The node expectations: the stack's ``node`` defaults, overridden by the manifest's."""
+        merged = dict(self.data.get("node", {}))
+        merged.update(self.node)
+        return merged
+
+
+def load_stack(name_or_path: str) -> Stack:
+    path = resolve_stack(name_or_path)
+    data = _read_yaml(path)
+    return Stack(validate_stack(data, str(path)), str(path))
+
+
+NODE_OVERRIDES = Map({}, NODE_FIELDS)
+
+
+def load_manifest(path: str | os.PathLike = DEFAULT_MANIFEST) -> Stack:
+    """Read a node manifest: ``{schema, stack: <full stack>, node: <overrides>, host, written_at}``."""
+    path = Path(path)
+    data = _read_yaml(path)
+    problems: list[str] = []
+    outer = dict(data) if isinstance(data, dict) else data
+    if isinstance(outer, dict) and isinstance(outer.get("stack"), dict):
+        outer["stack"] = {}  # the stack itself is validated in full below
+    Map({"schema": Int(SCHEMA_VERSION, SCHEMA_VERSION), "stack": Map({}, {})},
+        {"node": NODE_OVERRIDES, "host": Str(), "written_at": Str()})(outer, "", problems)
+    if problems:
+        raise StackError([f"{path}: {p}" for p in problems])
+    stack = validate_stack(data["stack"], f"{path} (stack)")
+    return Stack(stack, str(path), dict(data.get("node") or {}))
