@@ -1,0 +1,112 @@
+"""Which checks exist, by group, and how a run picks them (``--only``, ``--skip``, ``--quick``).
+
+A check is a function ``f(ctx) -> Verdict | list[Verdict]`` registered with :func:`check`. It calls
+a thin probe (the system) and a pure judge (the rules), so the judge can be unit-tested on captured
+data. Checks that can hang or crash (CUDA, NCCL, training) are registered ``isolate=True`` and run in
+a worker process with a timeout.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+# Modules whose import registers checks, in report order.
+CHECK_MODULES = ("checks.system", "checks.gpu", "checks.jupyter")
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class UsageError(Exception):
+    """Bad flags or configuration: the CLI prints it on one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str  # "<group>.<what>", unique
+    group: str
+    title: str  # one line for --list and reports
+    target: str  # "module:function", importable in a worker process
+    isolate: bool = False  # run in a worker process (hang/crash-prone)
+    timeout_s: float | None = None  # own timeout; None = the run's default
+    slow: bool = False  # skipped by --quick (long benchmarks, fine-tunes)
+
+    def load(self) -> Callable[[Context], Any]:
+        module, _, func = self.target.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+@dataclass
+class Context:
+    """What every check may read: the stack, this node's expectations and the run's options.
+    Plain data only, so it crosses into worker processes as JSON."""
+
+    stack: dict
+    node: dict
+    quick: bool = False
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"stack": self.stack, "node": self.node, "quick": self.quick, "options": self.options}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Context:
+        return cls(data["stack"], data["node"], bool(data.get("quick")), dict(data.get("options") or {}))
+
+
+_REGISTRY: dict[str, CheckSpec] = {}
+
+
+def check(name: str, title: str, *, isolate: bool = False, timeout_s: float | None = None, slow: bool = False):
+    """Register ``f`` as the check ``name`` (``group.what``)."""
+
+    def register(func):
+        group = name.split(".", 1)[0]
+        spec = CheckSpec(name, group, title, f"{func.__module__}:{func.__name__}", isolate, timeout_s, slow)
+        if name in _REGISTRY and _REGISTRY[name].target != spec.target:
+            raise RuntimeError(f"check {name!r} registered twice ({_REGISTRY[name].target}, {spec.target})")
+        _REGISTRY[name] = spec
+        return func
+
+    return register
+
+
+def all_checks() -> list[CheckSpec]:
+    for module in CHECK_MODULES:
+        importlib.import_module(module)
+    order = {m: i for i, m in enumerate(CHECK_MODULES)}
+    return sorted(_REGISTRY.values(), key=lambda s: (order.get(s.target.partition(":")[0], len(order)),))
+
+
+def _split(values: list[str] | str | None) -> list[str]:
+    if not values:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [tok.strip() for v in values for tok in v.split(",") if tok.strip()]
+
+
+def select(specs: list[CheckSpec], only=None, skip=None) -> list[CheckSpec]:
+    """Checks named by ``only`` (groups or check names; all when empty) minus those named by ``skip``.
+    An unknown name is a UsageError that lists what is accepted."""
+    groups = sorted({s.group for s in specs})
+    names = {s.name for s in specs}
+
+    def expand(tokens: list[str], flag: str) -> set[str]:
+        picked: set[str] = set()
+        for tok in tokens:
+            if tok in groups:
+                picked.update(s.name for s in specs if s.group == tok)
+            elif tok in names:
+                picked.add(tok)
+            else:
+                raise UsageError(
+                    f"{flag}: unknown check or group {tok!r} (groups: {', '.join(groups)}; "
+                    f"checks: see 'invoke verify --list')"
+                )
+        return picked
+
+    wanted = expand(_split(only), "--only") if _split(only) else names
+    wanted -= expand(_split(skip), "--skip")
+    return [s for s in specs if s.name in wanted]
