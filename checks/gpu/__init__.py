@@ -1,0 +1,3 @@
+"""GPU checks: thin NVML/driver probes and pure judges."""
+
+from checks.gpu import driver  # noqa: F401  (registers the checks)

@@ -1,0 +1,80 @@
+"""peftnode's menu: `invoke --list`. Each task is thin: it parses flags and calls into `checks`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from invoke import Exit, task
+
+ROOT = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent  # tools of the environment invoke runs in (the venv)
+
+
+def _flag(argv: list[str], name: str, value) -> None:
+    if value is True:
+        argv.append(f"--{name}")
+    elif value not in (None, False, ""):
+        argv.extend([f"--{name}", str(value)])
+
+
+@task(
+    help={
+        "stack": "stack name in stacks/ (cu117, cu124) or a stack file; default: the node manifest, else cu117",
+        "manifest": "node manifest to read (default /etc/peftnode/manifest.yml when present)",
+        "only": "comma-separated groups or checks to run, e.g. system,python or gpu.driver",
+        "skip": "comma-separated groups or checks to leave out",
+        "quick": "health and version checks only: no fine-tune, no long benchmarks",
+        "json": "write the JSON report (schema peftnode.verify.report/1) to this file",
+        "junit": "write a JUnit XML report to this file",
+        "prom": "write a Prometheus textfile-collector file to this file",
+        "timeout": "per-check timeout in seconds for isolated checks (overrides each check's own)",
+        "gpus": "override how many GPUs this node must have (0 = a node without GPUs)",
+        "list": "list the checks and their groups, then exit",
+        "no_progress": "no live progress display",
+    }
+)
+def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json=None, junit=None, prom=None,
+           timeout=None, gpus=None, list=False, no_progress=False):
+    """Prove this node is ready for PEFT fine-tuning (exit 0 healthy, 1 unhealthy, 2 bad usage)."""
+    from checks.cli import main
+
+    argv: list[str] = []
+    for name, value in (("stack", stack), ("manifest", manifest), ("only", only), ("skip", skip),
+                        ("quick", quick), ("json", json), ("junit", junit), ("prom", prom),
+                        ("timeout", timeout), ("gpus", gpus), ("list", list), ("no-progress", no_progress)):
+        _flag(argv, name, value)
+    code = main(argv)
+    if code:
+        raise Exit(code=code)
+
+
+LINTERS = (
+    ("ruff", [str(BIN / "ruff"), "check", "."]),
+    ("yamllint", [str(BIN / "yamllint"), "-s", "."]),
+    ("ansible-lint", [str(BIN / "ansible-lint"), "--offline"]),
+    ("syntax-check", [str(BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,", "site.yml"]),
+)
+
+
+@task
+def lint(c):
+    """Lint everything: ruff, yamllint, ansible-lint, and ansible-playbook --syntax-check site.yml."""
+    failed = []
+    for name, argv in LINTERS:
+        print(f"--- {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
+        result = c.run(shlex.join(argv), warn=True, pty=False, env={"ANSIBLE_CONFIG": str(ROOT / "ansible.cfg")})
+        if not result.ok:
+            failed.append(name)
+    if failed:
+        raise Exit(f"lint failed: {', '.join(failed)}", code=1)
+    print("lint: all clean")
+
+
+@task(help={"args": "extra pytest arguments, e.g. \"-k stack -x\""})
+def test(c, args=""):
+    """Run the test suite (tests needing a GPU are skipped with their reason on CPU)."""
+    result = c.run(f"{shlex.quote(sys.executable)} -m pytest {args}", warn=True, pty=False)
+    if not result.ok:
+        raise Exit(code=result.exited)
