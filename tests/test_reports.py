@@ -1,0 +1,458 @@
+"""Tests for the report renderers: console, JSON (+ schema), JUnit, Prometheus and Markdown."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import stat
+import xml.etree.ElementTree as ET
+from datetime import datetime, timedelta, timezone
+
+import jsonschema
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+
+import checks
+from checks.report import REPORT_SCHEMA, Report
+from checks.report.console import render_console
+from checks.report.jsonreport import load_schema, to_json_dict, write_json
+from checks.report.junit import write_junit
+from checks.report.markdown import append_step_summary, render_markdown
+from checks.report.prom import escape_label, render_prom, write_prom
+from checks.result import Result, Status, Value
+
+STARTED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
+NASTY = 'driver said "no" | retry <now> & later\nsecond line'
+
+
+def _results() -> list[Result]:
+    return [
+        Result(
+            "gpu.count",
+            "gpu",
+            Status.PASS,
+            "8 GPUs visible",
+            measured={"count": Value(8)},
+            expected={"count": Value(8)},
+            duration_s=0.12,
+        ),
+        Result(
+            "gpu.ecc[0]",
+            "gpu",
+            Status.FAIL,
+            NASTY,
+            measured={"uncorrectable": Value(3, "errors"), "model": Value("H100 80GB HBM3")},
+            expected={"uncorrectable": Value(0, "errors")},
+            remediation="Drain node; RMA GPU 0",
+            duration_s=0.5,
+        ),
+        Result(
+            "gpu.memory",
+            "gpu",
+            Status.PASS,
+            "80 GiB per GPU",
+            measured={"memory": Value(79.6, "GiB"), "mig": Value(False)},
+            duration_s=0.01,
+        ),
+        Result(
+            "cuda.driver",
+            "cuda",
+            Status.WARN,
+            "driver 535.54 is older than recommended 550",
+            measured={"version": Value("535.54")},
+            expected={"version": Value(">=550")},
+            remediation="Upgrade the NVIDIA driver",
+            duration_s=0.2,
+        ),
+        Result("cuda.toolkit", "cuda", Status.PASS, "nvcc 12.4", measured={"version": Value("12.4")}),
+        Result(
+            "python.torch",
+            "python",
+            Status.ERROR,
+            "probe crashed: ImportError",
+            remediation="Reinstall torch",
+            duration_s=1.5,
+        ),
+        Result(
+            "net.nccl",
+            "net",
+            Status.SKIP,
+            "single node; nothing to test",
+            measured={"bandwidth": Value(float("nan"), "GB/s")},
+        ),
+        Result(
+            "storage.scratch",
+            "storage",
+            Status.FAIL,
+            "scratch too slow",
+            measured={"write": Value(180.25, "MB/s"), "free": Value(512, "GiB")},
+            expected={"write": Value(1000, "MB/s")},
+            remediation="Mount NVMe scratch at /scratch",
+            duration_s=2.0,
+        ),
+    ]
+
+
+def _report(results: list[Result] | None = None) -> Report:
+    return Report(
+        results=_results() if results is None else results,
+        host={"hostname": "gpu-node-01", "os": "Ubuntu 22.04", "kernel": "5.15", "arch": "x86_64", "python": "3.11"},
+        stack={"name": "cu124", "source": "stacks/cu124.yml", "description": "CUDA 12.4"},
+        started_at=STARTED,
+        finished_at=STARTED + timedelta(seconds=3.25),
+        options={"only": None, "skip": [], "quick": True, "timeout": 60},
+    )
+
+
+def _healthy_report() -> Report:
+    return _report([r for r in _results() if r.status in (Status.PASS, Status.WARN, Status.SKIP)])
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def test_json_document_shape():
+    report = _report()
+    doc = to_json_dict(report)
+    assert doc["schema"] == REPORT_SCHEMA
+    assert doc["peftnode_version"] == checks.__version__
+    assert doc["started_at"] == "2024-05-01T12:00:00.000Z"
+    assert doc["finished_at"] == "2024-05-01T12:00:03.250Z"
+    assert doc["duration_s"] == pytest.approx(3.25)
+    assert doc["status"] == "fail"
+    assert doc["exit_code"] == 1
+    assert doc["counts"] == {"pass": 3, "skip": 1, "warn": 1, "error": 1, "fail": 2}
+    assert [r["name"] for r in doc["results"]] == [r.name for r in report.results]
+    assert doc["host"]["hostname"] == "gpu-node-01"
+    assert doc["options"]["timeout"] == 60
+
+
+def test_json_non_utc_times_are_converted_to_z():
+    report = _report()
+    cest = timezone(timedelta(hours=2))
+    report.started_at = datetime(2024, 5, 1, 14, 0, 0, tzinfo=cest)
+    report.finished_at = datetime(2024, 5, 1, 14, 0, 1, tzinfo=cest)
+    doc = to_json_dict(report)
+    assert doc["started_at"] == "2024-05-01T12:00:00.000Z"
+    assert doc["finished_at"] == "2024-05-01T12:00:01.000Z"
+
+
+def _reject_constant(name):
+    raise AssertionError(f"non-standard JSON constant {name}")
+
+
+def test_json_validates_against_schema(tmp_path):
+    path = tmp_path / "report.json"
+    write_json(_report(), path)
+    doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)  # strict JSON, no NaN
+    assert doc["results"][6]["measured"]["bandwidth"] == {"value": None, "unit": "GB/s"}
+    schema = load_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    jsonschema.Draft202012Validator(schema).validate(to_json_dict(_healthy_report()))
+    jsonschema.Draft202012Validator(schema).validate(to_json_dict(_report([])))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda d: d.__setitem__("status", "bogus"), id="bad-status"),
+        pytest.param(lambda d: d["results"][0].__setitem__("status", "ok"), id="bad-result-status"),
+        pytest.param(lambda d: d.pop("counts"), id="missing-counts"),
+        pytest.param(lambda d: d.__setitem__("started_at", "2024-05-01T12:00:00+02:00"), id="not-z"),
+        pytest.param(lambda d: d["results"][1]["measured"].__setitem__("x", 3), id="bare-measured"),
+        pytest.param(lambda d: d["results"][1]["measured"]["uncorrectable"].pop("unit"), id="value-no-unit"),
+        pytest.param(lambda d: d.__setitem__("exit_code", 2), id="bad-exit"),
+        pytest.param(lambda d: d.__setitem__("schema", "other/2"), id="bad-schema-id"),
+        pytest.param(lambda d: d.__setitem__("extra", 1), id="unknown-key"),
+    ],
+)
+def test_schema_rejects_invalid_documents(mutate):
+    doc = to_json_dict(_report())
+    mutate(doc)
+    validator = jsonschema.Draft202012Validator(load_schema())
+    assert list(validator.iter_errors(doc)), "schema accepted an invalid document"
+
+
+def test_json_round_trips_results(tmp_path):
+    report = _report()
+    path = write_json(report, tmp_path / "r.json")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    back = [Result.from_dict(d) for d in doc["results"]]
+    assert len(back) == len(report.results)
+    for original, restored in zip(report.results, back, strict=True):
+        assert restored.name == original.name
+        assert restored.status == original.status
+        assert restored.message == original.message
+        assert restored.remediation == original.remediation
+        assert restored.expected == original.expected
+        assert restored.duration_s == pytest.approx(original.duration_s)
+        for key, value in original.measured.items():
+            got = restored.measured[key]
+            assert got.unit == value.unit
+            if isinstance(value.value, float) and value.value != value.value:  # NaN is written as null
+                assert got.value is None
+            else:
+                assert got.value == value.value
+
+
+# --------------------------------------------------------------------------- JUnit
+
+
+def test_junit_structure(tmp_path):
+    report = _report()
+    path = tmp_path / "junit.xml"
+    write_junit(report, path)
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    suite = suites[0]
+    assert suite.get("name") == "peftnode"
+    assert suite.get("tests") == "8"
+    assert suite.get("failures") == "2"
+    assert suite.get("errors") == "1"
+    assert suite.get("skipped") == "1"
+    assert suite.get("hostname") == "gpu-node-01"
+    assert suite.get("timestamp") == "2024-05-01T12:00:00"
+    assert float(suite.get("time")) == pytest.approx(3.25)
+
+    cases = suite.findall("testcase")
+    assert len(cases) == 8
+    assert len(suite.findall("testcase/failure")) == 2
+    assert len(suite.findall("testcase/error")) == 1
+    assert len(suite.findall("testcase/skipped")) == 1
+
+    by_name = {c.get("name"): c for c in cases}
+    ecc = by_name["gpu.ecc[0]"]
+    assert ecc.get("classname") == "peftnode.gpu"
+    assert float(ecc.get("time")) == pytest.approx(0.5)
+    failure = ecc.find("failure")
+    assert failure.get("type") == "fail"
+    assert failure.get("message") == NASTY  # quotes, <&>, | and newline survive escaping
+    assert "uncorrectable=3 errors" in failure.text
+    assert "expected: uncorrectable=0 errors" in failure.text
+    assert "Drain node; RMA GPU 0" in failure.text
+
+    assert by_name["python.torch"].find("error") is not None
+    assert by_name["net.nccl"].find("skipped").get("message") == "single node; nothing to test"
+
+    warn = by_name["cuda.driver"]
+    assert warn.find("failure") is None and warn.find("error") is None
+    assert warn.find("system-out").text.startswith("WARN: driver 535.54")
+    assert by_name["gpu.count"].find("*") is None  # a pass has no children
+
+
+def test_junit_strips_illegal_xml_characters(tmp_path):
+    bad = Result("weird", "misc", Status.FAIL, "tty said \x1b[31mred\x00")
+    path = tmp_path / "j.xml"
+    write_junit(_report([bad]), path)
+    case = ET.parse(path).getroot().find("testsuite/testcase")
+    assert "red" in case.find("failure").get("message")
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type == "gauge"
+        assert family.documentation
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = sample.value
+    return out
+
+
+def test_prom_values():
+    text = render_prom(_report())
+    samples = _samples(text)
+
+    def get(metric, **labels):
+        return samples[(metric, tuple(sorted(labels.items())))]
+
+    expected_codes = {r.name: int(r.status) for r in _results()}
+    for result in _results():
+        labels = {"check": result.name, "group": result.group}
+        assert get("peftnode_check_status", **labels) == expected_codes[result.name]
+        assert get("peftnode_check_ok", **labels) == (1 if result.status.healthy else 0)
+        assert get("peftnode_check_duration_seconds", **labels) == pytest.approx(result.duration_s)
+    assert get("peftnode_check_status", check="gpu.ecc[0]", group="gpu") == 4
+    assert get("peftnode_check_status", check="net.nccl", group="net") == 1
+    assert get("peftnode_check_ok", check="cuda.driver", group="cuda") == 1
+    assert get("peftnode_check_ok", check="python.torch", group="python") == 0
+
+    assert get("peftnode_check_measurement", check="gpu.count", group="gpu", name="count", unit="") == 8
+    assert get("peftnode_check_measurement", check="gpu.ecc[0]", group="gpu", name="uncorrectable", unit="errors") == 3
+    assert get("peftnode_check_measurement", check="gpu.memory", group="gpu", name="memory", unit="GiB") == 79.6
+    assert get("peftnode_check_measurement", check="storage.scratch", group="storage", name="write", unit="MB/s") == (
+        180.25
+    )
+    nan = get("peftnode_check_measurement", check="net.nccl", group="net", name="bandwidth", unit="GB/s")
+    assert nan != nan
+    measured_names = {dict(k[1])["name"] for k in samples if k[0] == "peftnode_check_measurement"}
+    assert "model" not in measured_names  # strings are not numbers
+    assert "mig" not in measured_names  # neither are bools
+    assert "version" not in measured_names
+
+    assert get("peftnode_verify_healthy") == 0
+    assert get("peftnode_verify_last_run_timestamp_seconds") == pytest.approx(STARTED.timestamp() + 3.25)
+    assert get("peftnode_verify_info", stack="cu124", version=checks.__version__) == 1
+    assert "0 pass, 1 skip, 2 warn, 3 error, 4 fail" in text
+
+
+def test_prom_healthy_report():
+    samples = _samples(render_prom(_healthy_report()))
+    assert samples[("peftnode_verify_healthy", ())] == 1
+    assert all(v == 1 for (name, _), v in samples.items() if name == "peftnode_check_ok")
+
+
+def test_prom_label_escaping():
+    assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
+    odd = Result('ch"eck\\x\nz', "g", Status.PASS, "ok", measured={"v": Value(1.5, 'u"n')})
+    samples = _samples(render_prom(_report([odd])))
+    key = ("peftnode_check_status", tuple(sorted({"check": 'ch"eck\\x\nz', "group": "g"}.items())))
+    assert samples[key] == 0
+    key = (
+        "peftnode_check_measurement",
+        tuple(sorted({"check": 'ch"eck\\x\nz', "group": "g", "name": "v", "unit": 'u"n'}.items())),
+    )
+    assert samples[key] == 1.5
+
+
+def test_prom_atomic_write(tmp_path):
+    target = tmp_path / "peftnode.prom"
+    target.write_text("old content\n")
+    write_prom(_report(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
+    text = target.read_text()
+    assert "old content" not in text
+    assert _samples(text)[("peftnode_verify_healthy", ())] == 0
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    write_prom(_healthy_report(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
+    assert _samples(target.read_text())[("peftnode_verify_healthy", ())] == 1
+
+
+def test_prom_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "peftnode.prom"
+    target.write_text("old content\n")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_prom(_report(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
+    assert target.read_text() == "old content\n"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def test_markdown_content():
+    md = render_markdown(_report())
+    assert md.startswith("## ")
+    assert "UNHEALTHY" in md.splitlines()[0]
+    assert "2 fail" in md and "3 pass" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    ecc_rows = [line for line in rows if "gpu.ecc[0]" in line]
+    assert len(ecc_rows) == 2  # problems table + full table
+    problems_part = md.split("<details>")[0]
+    assert "storage.scratch" in problems_part and "Mount NVMe scratch at /scratch" in problems_part
+    assert "gpu.count" not in problems_part  # passes only in the folded table
+    assert "<details>" in md and "</details>" in md and "gpu.count" in md.split("<details>")[1]
+    row = ecc_rows[0]
+    assert "\\|" in row
+    assert " | retry" not in row  # the pipe in the message did not split a cell
+    assert "&lt;now&gt; &amp; later<br>second line" in row
+    # every table row in a table has the same number of unescaped cell separators
+    problems_rows = [line for line in problems_part.splitlines() if line.startswith("| ")]
+    assert len({line.replace("\\|", "").count("|") for line in problems_rows}) == 1
+    # a problem table sorted worst first: fails before error before warn before skip
+    order = [
+        next(s for s in ("fail", "error", "warn", "skip", "status") if s in line.lower()) for line in problems_rows
+    ]
+    assert order == ["status", "fail", "fail", "error", "warn", "skip"]
+
+
+def test_markdown_healthy():
+    md = render_markdown(_healthy_report())
+    assert "HEALTHY" in md.splitlines()[0] and "UNHEALTHY" not in md
+
+
+def test_step_summary_appends(tmp_path):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    env = {"GITHUB_STEP_SUMMARY": str(summary)}
+    assert append_step_summary(_report(), env=env) is True
+    assert append_step_summary(_healthy_report(), env=env) is True
+    text = summary.read_text()
+    assert text.startswith("# earlier step\n")
+    assert text.count("peftnode verify: UNHEALTHY") == 1
+    assert text.count("peftnode verify: HEALTHY") == 1
+    assert text.index("UNHEALTHY") < text.index("verify: HEALTHY")
+
+
+def test_step_summary_noop_when_unset(tmp_path):
+    assert append_step_summary(_report(), env={}) is False
+    assert append_step_summary(_report(), env={"GITHUB_STEP_SUMMARY": ""}) is False
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- console
+
+
+def _console_text(report: Report) -> str:
+    console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
+    render_console(report, console)
+    return console.export_text()
+
+
+def test_console_output():
+    text = _console_text(_report())
+    assert "8 checks: 3 pass, 1 skip, 1 warn, 0 error, 2 fail" not in text  # error count is 1
+    assert "8 checks: 3 pass, 1 skip, 1 warn, 1 error, 2 fail in 3.2 s -> UNHEALTHY (exit 1)" in text
+    assert "gpu-node-01" in text and "cu124" in text
+    assert "gpu.ecc[0]" in text  # brackets not eaten as rich markup
+    assert "Drain node; RMA GPU 0" in text
+    assert "Upgrade the NVIDIA driver" in text
+    # groups worst first: gpu and storage hold fails (alphabetical tie-break), then python (error),
+    # cuda (warn), net (skip)
+    positions = [text.index(f"│ {g} ") for g in ("gpu", "storage", "python", "cuda", "net")]
+    assert positions == sorted(positions)
+    # within gpu: the failing check before the passing ones
+    assert text.index("gpu.ecc[0]") < text.index("gpu.count")
+    # no remediation hint for a pass
+    assert "hint:" not in text.split("gpu.count")[1].split("\n")[0]
+
+
+def test_console_healthy_and_empty():
+    text = _console_text(_healthy_report())
+    assert "-> HEALTHY (exit 0)" in text
+    empty = _console_text(_report([]))
+    assert "0 checks: 0 pass, 0 skip, 0 warn, 0 error, 0 fail" in empty and "HEALTHY (exit 0)" in empty
+
+
+def test_console_colours():
+    console = Console(record=True, width=140, file=io.StringIO(), color_system="standard", force_terminal=True)
+    render_console(_report(), console)
+    ansi = console.export_text(styles=True)
+
+    def sgr_before(word: str) -> str:
+        match = re.search(r"\x1b\[([\d;]*)m" + re.escape(word), ansi)
+        assert match, f"{word} is not styled"
+        return match.group(1).split(";")
+
+    assert "31" in sgr_before("FAIL")  # red
+    assert "32" in sgr_before("PASS")  # green
+    assert "35" in sgr_before("ERROR")  # magenta
+    assert "33" in sgr_before("WARN")  # yellow
+    assert "2" in sgr_before("SKIP")  # dim
+    assert "2" in sgr_before("hint: Drain node")  # remediation is dim
