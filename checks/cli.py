@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 from checks.registry import DEFAULT_TIMEOUT_S, Context, UsageError, all_checks, select
 from checks.report import Report
-from checks.result import Result
+from checks.result import Result, worst
 from checks.runner import run_checks
 from checks.stack import DEFAULT_MANIFEST, DEFAULT_STACK, Stack, StackError, load_manifest, load_stack
 
@@ -37,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", metavar="N", help="override how many GPUs this node must have (0: none)")
     p.add_argument("--only", action="append", metavar="GROUPS|CHECKS", help="run only these (comma-separated)")
     p.add_argument("--skip", action="append", metavar="GROUPS|CHECKS", help="leave these out (comma-separated)")
-    p.add_argument("--quick", action="store_true", help="health and version checks only: no fine-tune, no long benchmarks")
+    p.add_argument("--quick", action="store_true",
+                   help="health and version checks only: no fine-tune, no long benchmarks")
     p.add_argument("--json", metavar="FILE", help="write the JSON report here")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     p.add_argument("--prom", metavar="FILE", help="write a Prometheus textfile-collector file here")
@@ -79,8 +79,14 @@ def check_writable(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag}: {path} is a directory; give a file path")
     if not parent.is_dir():
         raise UsageError(f"{flag}: cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"{flag}: cannot write {path}: permission denied")
+    existed = target.exists()
+    try:  # a real open: permission bits alone mislead root, read-only mounts and pseudo file systems
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot write {path}: {exc.strerror or exc}") from None
+    if not existed:
+        target.unlink()
 
 
 def resolve(args) -> tuple[Stack, bool]:
@@ -101,11 +107,18 @@ def _progress_hook(total: int, enabled: bool):
     state = {"done": 0, "progress": None, "task": None}
     interactive = enabled and sys.stderr.isatty()
 
-    def hook(spec, result: Result | None):
-        if result is None:
+    def hook(spec, results: list[Result] | None):
+        if results is None:
             if interactive and state["progress"] is None:
                 from rich.console import Console
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    SpinnerColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
 
                 state["progress"] = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                              MofNCompleteColumn(), TimeElapsedColumn(),
@@ -116,12 +129,13 @@ def _progress_hook(total: int, enabled: bool):
                 state["progress"].update(state["task"], description=f"{spec.name} ({spec.title})")
             return
         state["done"] += 1
+        status = worst(r.status for r in results)
         if state["progress"] is not None:
             state["progress"].advance(state["task"])
             if state["done"] == total:
                 state["progress"].stop()
         elif enabled:
-            print(f"[{state['done']}/{total}] {spec.name}: {result.status.label} ({result.duration_s:.2f} s)",
+            print(f"[{state['done']}/{total}] {spec.name}: {status.label} ({results[-1].duration_s:.2f} s)",
                   file=sys.stderr, flush=True)
 
     def close():
@@ -196,7 +210,8 @@ def write_reports(report: Report, args) -> None:
     from checks.report.markdown import append_step_summary
     from checks.report.prom import write_prom
 
-    render_console(report, Console())
+    # A terminal sets its own width; a log file or pipe gets a wide table instead of rich's 80 columns.
+    render_console(report, Console() if sys.stdout.isatty() else Console(width=160))
     writers = {"json": write_json, "junit": write_junit, "prom": write_prom}
     for flag, writer in writers.items():
         path = getattr(args, flag)
@@ -222,3 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     sys.exit(main())
 
+
+
+if __name__ == "__main__":
+    console_main()

@@ -9,8 +9,9 @@ a worker process with a timeout.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 # Modules whose import registers checks, in report order.
 CHECK_MODULES = ("checks.system", "checks.gpu", "checks.jupyter")
@@ -75,8 +76,12 @@ def check(name: str, title: str, *, isolate: bool = False, timeout_s: float | No
 def all_checks() -> list[CheckSpec]:
     for module in CHECK_MODULES:
         importlib.import_module(module)
-    order = {m: i for i, m in enumerate(CHECK_MODULES)}
-    return sorted(_REGISTRY.values(), key=lambda s: (order.get(s.target.partition(":")[0], len(order)),))
+    def rank(spec: CheckSpec) -> int:  # by the listed module (or package) the check lives in
+        module = spec.target.partition(":")[0]
+        return next((i for i, m in enumerate(CHECK_MODULES) if module == m or module.startswith(m + ".")),
+                    len(CHECK_MODULES))
+
+    return sorted(_REGISTRY.values(), key=rank)
 
 
 def _split(values: list[str] | str | None) -> list[str]:

@@ -13,13 +13,13 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from checks.registry import DEFAULT_TIMEOUT_S, CheckSpec, Context
 from checks.result import Result, Status, Value, Verdict
 
-ProgressHook = Callable[[CheckSpec, "Result | None"], None]  # called before (None) and after each check
+ProgressHook = Callable[[CheckSpec, "list[Result] | None"], None]  # before (None) and after each check
 
 
 def verdicts_of(outcome) -> list[Verdict]:
@@ -137,5 +137,5 @@ def run_checks(specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | N
             got = run_in_process(spec, ctx)
         results.extend(got)
         if progress:
-            progress(spec, got[-1])
+            progress(spec, got)
     return results

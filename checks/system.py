@@ -88,7 +88,8 @@ def judge_os(facts: dict[str, str]) -> Verdict:
     if problems:
         return Verdict(Status.WARN, "; ".join(problems), measured, expected,
                        "Provisioning and the pinned artifacts are tested on the listed targets only.")
-    return Verdict(Status.PASS, f"{measured['os']}, kernel {measured['kernel']}, {measured['arch']}", measured, expected)
+    summary = f"{measured['os']}, kernel {measured['kernel']}, {measured['arch']}"
+    return Verdict(Status.PASS, summary, measured, expected)
 
 
 @check("system.os", "Operating system is a supported target")

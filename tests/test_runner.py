@@ -12,7 +12,8 @@ from checks.runner import effective_timeout, run_checks, run_in_process, run_iso
 
 
 def spec(func: str, isolate=True, timeout_s=None, slow=False, name=None) -> CheckSpec:
-    return CheckSpec(name or f"test.{func}", "test", func, f"tests.helpers.fake_checks:{func}", isolate, timeout_s, slow)
+    target = f"tests.helpers.fake_checks:{func}"
+    return CheckSpec(name or f"test.{func}", "test", func, target, isolate, timeout_s, slow)
 
 
 @pytest.fixture

@@ -1,0 +1,138 @@
+"""The CLI and the invoke tasks, end to end in real processes: every exit code, every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from checks.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+INVOKE = str(Path(sys.executable).parent / "invoke")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "checks.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def assert_usage_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("peftnode verify: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_healthy_run_exits_0(capsys):
+    assert main(["--only", "system.os,system.disk", "--gpus", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "HEALTHY" in out and "system.os" in out
+
+
+def test_unhealthy_run_exits_1(capsys):
+    # This machine runs Python 3.11; the seed stack pins 3.10.
+    assert main(["--stack", "cu117", "--only", "python.version", "--no-progress"]) == 1
+    assert "UNHEALTHY" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--only", "bogus"], ["--only: unknown check or group 'bogus'", "groups: gpu, jupyter, python, system"]),
+    (["--skip", "system,nope"], ["--skip: unknown check or group 'nope'"]),
+    (["--only", "system", "--skip", "system"], ["leave no check to run"]),
+    (["--stack", "/nonexistent/stack.yml"], ["/nonexistent/stack.yml: no such file"]),
+    (["--stack", "cu999"], ["no stack named 'cu999'", "cu117"]),
+    (["--timeout", "abc"], ["--timeout: 'abc' is not a positive number of seconds"]),
+    (["--timeout", "-1"], ["--timeout: '-1'"]),
+    (["--timeout", "0"], ["--timeout: '0'"]),
+    (["--timeout", "nan"], ["--timeout: 'nan'"]),
+    (["--gpus", "eight"], ["--gpus: 'eight' is not a whole number from 0 to 64"]),
+    (["--json", "/nonexistent-dir/r.json"], ["--json: cannot write /nonexistent-dir/r.json: directory"]),
+    (["--junit", "/tmp"], ["--junit: /tmp is a directory"]),
+    (["--stack", "cu117", "--manifest", "/etc/x.yml"], ["give one of them"]),
+    (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+])
+def test_bad_usage_exits_2_with_one_line(args, needles):
+    assert_usage_error(run_cli(*args), *needles)
+
+
+def test_malformed_stack_exits_2_naming_file_key_reason(tmp_path):
+    data = yaml.safe_load((ROOT / "stacks" / "cu117.yml").read_text())
+    data["nccl"]["version"] = "two"
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump(data))
+    assert_usage_error(run_cli("--stack", str(bad)), f"{bad}: nccl.version: 'two' is not an NCCL version")
+
+
+def test_unwritable_report_path_is_refused_before_running(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores mode bits; a read-only file system path stands in
+            target = "/proc/peftnode-report.prom"
+        else:
+            target = str(locked / "r.prom")
+        proc = run_cli("--prom", target)
+        assert proc.returncode == 2 and "--prom: cannot write" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stdout == ""  # nothing ran
+    finally:
+        locked.chmod(0o700)
+
+
+def test_list_shows_every_check():
+    proc = run_cli("--list")
+    assert proc.returncode == 0
+    for name in ("system.os", "python.packages", "gpu.driver", "jupyter.server"):
+        assert name in proc.stdout
+
+
+def test_quick_run_writes_three_valid_reports_via_invoke(tmp_path):
+    """The issue's 'done when': invoke verify --quick --json --junit --prom on a machine with no GPU."""
+    from jsonschema import validate
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from checks.report.jsonreport import load_schema
+
+    j, x, p = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.prom"
+    proc = subprocess.run([INVOKE, "verify", "--quick", "--json", str(j), "--junit", str(x), "--prom", str(p)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout  # no driver, Python 3.11 vs the seed's 3.10: unhealthy
+    doc = json.loads(j.read_text())
+    validate(doc, load_schema())
+    assert doc["exit_code"] == 1 and doc["stack"]["name"] == "cu117"
+    names = {r["name"].split("[")[0] for r in doc["results"]}
+    assert {"system.os", "python.version", "python.openssl", "python.packages", "system.disk", "gpu.driver",
+            "jupyter.server"} <= names
+    for r in doc["results"]:
+        assert r["status"] in {"pass", "warn", "fail", "skip", "error"} and r["message"].strip()
+    driver = next(r for r in doc["results"] if r["name"] == "gpu.driver")
+    if not Path("/proc/driver/nvidia/version").exists():
+        assert driver["status"] == "fail" and driver["message"].startswith("NVIDIA driver not loaded")
+    cases = ET.parse(x).getroot().iter("testcase")
+    assert len(list(cases)) == len(doc["results"])
+    families = {f.name: f for f in text_string_to_metric_families(p.read_text())}
+    assert [s.value for s in families["peftnode_verify_healthy"].samples] == [0.0]
+
+
+def test_invoke_passes_exit_2_through():
+    proc = subprocess.run([INVOKE, "verify", "--only", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_usage_error(proc, "--only: unknown check or group 'bogus'")
+
+
+def test_invoke_menu_lists_tasks_with_help():
+    proc = subprocess.run([INVOKE, "--list"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for name in ("verify", "lint", "test"):
+        assert f"\n  {name} " in proc.stdout
+    helps = subprocess.run([INVOKE, "--help", "verify"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    for flag in ("--stack", "--only", "--skip", "--quick", "--json", "--junit", "--prom", "--timeout"):
+        assert flag in helps
