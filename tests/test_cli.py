@@ -136,3 +136,18 @@ def test_invoke_menu_lists_tasks_with_help():
     helps = subprocess.run([INVOKE, "--help", "verify"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     for flag in ("--stack", "--only", "--skip", "--quick", "--json", "--junit", "--prom", "--timeout"):
         assert flag in helps
+
+
+def test_step_summary_is_appended_when_github_sets_it(tmp_path):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# earlier step\n")
+    proc = run_cli("--only", "system.os", "--gpus", "0", env={"GITHUB_STEP_SUMMARY": str(summary)})
+    assert proc.returncode == 0
+    text = summary.read_text()
+    assert text.startswith("# earlier step\n") and "system.os" in text and "HEALTHY" in text
+
+
+def test_progress_lines_on_stderr_off_terminal():
+    proc = run_cli("--only", "system.os,python.openssl", "--gpus", "0")
+    assert "[1/2] system.os: pass" in proc.stderr and "[2/2] python.openssl:" in proc.stderr
+    assert "[1/2]" not in run_cli("--only", "system.os", "--no-progress").stderr
