@@ -167,6 +167,23 @@ NODE_FIELDS: dict[str, Check] = {
     "data_path": ABS_PATH,  # where datasets and outputs live (free-disk check)
     "min_free_gib": Map({}, {"model": Number(), "data": Number()}),
     "jupyter_url": Nullable(Str(r"https?://\S+", "an http(s):// URL")),  # default: from jupyterlab.bind/port
+    "mig": Bool(),  # MIG mode every GPU must be in (default false)
+    # Where the roles put the CUDA toolkit, NCCL and cuDNN (defaults: /usr/local/cuda-X.Y, then the
+    # dynamic loader's view). NCCL and cuDNN default to the CUDA prefix, as the seed installs them.
+    "cuda_home": ABS_PATH,
+    "nccl_home": ABS_PATH,
+    "cudnn_home": ABS_PATH,
+    # Performance expectations overriding the GPU-model table in checks/perf.py (per GPU, except busbw).
+    "perf": Map({}, {
+        "gemm_tflops": Number(),  # dense bf16 (fp16 where bf16 is absent) GEMM
+        "copy_tbps": Number(),  # device-to-device copy, bytes read + written
+        "h2d_gbps": Number(),  # pinned host -> device
+        "d2h_gbps": Number(),  # pinned device -> host
+        "allreduce_busbw_gbps": Number(),  # NCCL all-reduce bus bandwidth across the node's GPUs
+        "allreduce_bytes": Int(1),  # message size of the all-reduce measurement
+        "floor_ratio": Number(),  # below expected x floor_ratio -> fail
+        "outlier_ratio": Number(),  # below the node's median x outlier_ratio -> fail
+    }),
 }
 
 STACK_SCHEMA = Map(

@@ -31,24 +31,26 @@ def parse_proc_version(text: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def probe_driver() -> DriverProbe:
+def probe_driver(nvml=None) -> DriverProbe:
+    """``nvml``: the NVML binding to ask (default: the real pynvml; tests pass a fake)."""
     try:
         proc_text = PROC_VERSION.read_text()
     except OSError:
         proc_text = None
+    if nvml is None:
+        try:
+            import pynvml as nvml
+        except ImportError:
+            return DriverProbe(proc_text, None, "nvidia-ml-py (pynvml) is not installed")
     try:
-        import pynvml
-    except ImportError:
-        return DriverProbe(proc_text, None, "nvidia-ml-py (pynvml) is not installed")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
         return DriverProbe(proc_text, None, f"NVML did not initialise: {exc}")
     try:
-        version = pynvml.nvmlSystemGetDriverVersion()
+        version = nvml.nvmlSystemGetDriverVersion()
         return DriverProbe(proc_text, version.decode() if isinstance(version, bytes) else version, None)
     finally:
-        pynvml.nvmlShutdown()
+        nvml.nvmlShutdown()
 
 
 def judge_driver(probe: DriverProbe, expected_version: str, expected_gpus: int) -> Verdict:

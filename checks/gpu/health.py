@@ -1,0 +1,130 @@
+"""GPU health checks (group ``gpu``): NVML snapshot probes judged per GPU, and the kernel log's Xids.
+
+All run in worker processes: NVML calls can hang on a GPU in a bad state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+
+from checks.gpu import judges
+from checks.gpu.nvml import NodeSnapshot, load_nvml, probe_nvml
+from checks.registry import Context, check
+from checks.result import Status, Verdict
+
+NVML_TIMEOUT_S = 60
+
+
+def snapshot_or_verdict(ctx: Context) -> NodeSnapshot | Verdict:
+    """The NVML snapshot, or the verdict that explains why there is none (skip on a GPU-less node)."""
+    expected = int(ctx.node.get("gpus", 0))
+    if expected == 0:
+        return Verdict(Status.SKIP, "this node is expected to have no GPUs", {}, {"gpus": 0})
+    try:
+        nvml = load_nvml()
+    except ImportError:
+        return Verdict(Status.FAIL, "nvidia-ml-py (pynvml) is not installed, so NVML cannot be queried", {},
+                       {"gpus": expected}, "pip install nvidia-ml-py in the stack's virtualenv (venv role).")
+    snap = probe_nvml(nvml)
+    if snap.error:
+        return Verdict(Status.FAIL, f"NVIDIA driver not loaded ({snap.error}); this node is expected to have "
+                                    f"{expected} GPU(s)", {}, {"gpus": expected},
+                       "Install and load the stack's driver (nvidia_driver role); see the gpu.driver check.")
+    if not snap.gpus:
+        return Verdict(Status.FAIL, f"NVML sees no GPU; this node is expected to have {expected}", {"gpus": 0},
+                       {"gpus": expected}, "Check `lspci | grep -i nvidia` and the kernel log for Xid 79.")
+    return snap
+
+
+def per_gpu(ctx: Context, judge: Callable) -> list[Verdict] | Verdict:
+    snap = snapshot_or_verdict(ctx)
+    if isinstance(snap, Verdict):
+        return snap
+    return [judge(g) for g in snap.gpus]
+
+
+@check("gpu.inventory", "GPU count and model as expected; one VBIOS per model", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_inventory(ctx: Context):
+    snap = snapshot_or_verdict(ctx)
+    if isinstance(snap, Verdict):
+        return snap
+    return judges.judge_inventory(snap, int(ctx.node["gpus"]), ctx.node.get("gpu_model"))
+
+
+@check("gpu.ecc", "ECC enabled, no uncorrectable errors", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_ecc(ctx: Context):
+    return per_gpu(ctx, judges.judge_ecc)
+
+
+@check("gpu.memory_errors", "No pending or failed row remaps or page retirements", isolate=True,
+       timeout_s=NVML_TIMEOUT_S)
+def gpu_memory_errors(ctx: Context):
+    return per_gpu(ctx, judges.judge_memory_errors)
+
+
+@check("gpu.throttle", "No hardware slowdown; temperature below slowdown", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_throttle(ctx: Context):
+    return per_gpu(ctx, judges.judge_throttle)
+
+
+@check("gpu.pcie", "PCIe link at full width (and speed under load)", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_pcie(ctx: Context):
+    return per_gpu(ctx, judges.judge_pcie)
+
+
+@check("gpu.settings", "Persistence mode on; MIG mode as expected", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_settings(ctx: Context):
+    return per_gpu(ctx, lambda g: judges.judge_settings(g, bool(ctx.node.get("mig", False))))
+
+
+@check("gpu.nvlink", "Every NVLink link active", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_nvlink(ctx: Context):
+    return per_gpu(ctx, judges.judge_nvlink)
+
+
+@check("gpu.processes", "No leftover processes or memory on the GPUs", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_processes(ctx: Context):
+    return per_gpu(ctx, judges.judge_processes)
+
+
+# Kernel log since boot: the journal when there is one (complete since boot), else the ring buffer.
+KERNEL_LOG_COMMANDS = (
+    ("journalctl -k -b", ["journalctl", "-k", "-b", "--no-pager", "-q", "-o", "short"]),
+    ("dmesg", ["dmesg"]),
+)
+
+
+def probe_kernel_log(timeout_s: float = 20) -> tuple[str | None, str]:
+    """(log text, source) or (None, why not)."""
+    problems = []
+    for name, argv in KERNEL_LOG_COMMANDS:
+        if shutil.which(argv[0]) is None:
+            problems.append(f"{name}: not installed")
+            continue
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            problems.append(f"{name}: timed out")
+            continue
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout, name
+        problems.append(f"{name}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return None, "; ".join(problems)
+
+
+@check("gpu.xid", "No critical Xid errors in the kernel log since boot", isolate=True, timeout_s=NVML_TIMEOUT_S)
+def gpu_xid(ctx: Context):
+    if int(ctx.node.get("gpus", 0)) == 0:
+        return Verdict(Status.SKIP, "this node is expected to have no GPUs")
+    text, source = probe_kernel_log()
+    if text is None:
+        return Verdict(Status.WARN, f"cannot read the kernel log ({source})", {}, {},
+                       "Run verify as root (or with CAP_SYSLOG) so Xid errors can be seen.")
+    snap = None
+    try:
+        snap = probe_nvml(load_nvml())
+    except ImportError:
+        pass
+    return judges.judge_xids(judges.parse_xids(text), snap.gpus if snap else [], source)
