@@ -31,12 +31,13 @@ def _flag(argv: list[str], name: str, value) -> None:
         "prom": "write a Prometheus textfile-collector file to this file",
         "timeout": "per-check timeout in seconds for isolated checks (overrides each check's own)",
         "gpus": "override how many GPUs this node must have (0 = a node without GPUs)",
+        "expect": "override node expectations: comma-separated KEY=VALUE, e.g. cuda_home=/opt/cuda,gpu_model=H100",
         "list": "list the checks and their groups, then exit",
         "no_progress": "no live progress display",
     }
 )
 def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json=None, junit=None, prom=None,
-           timeout=None, gpus=None, list=False, no_progress=False):
+           timeout=None, gpus=None, expect=None, list=False, no_progress=False):
     """Prove this node is ready for PEFT fine-tuning (exit 0 healthy, 1 unhealthy, 2 bad usage)."""
     from checks.cli import main
 
@@ -45,6 +46,8 @@ def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json
                         ("quick", quick), ("json", json), ("junit", junit), ("prom", prom),
                         ("timeout", timeout), ("gpus", gpus), ("list", list), ("no-progress", no_progress)):
         _flag(argv, name, value)
+    for item in (expect or "").split(","):
+        _flag(argv, "expect", item.strip())
     code = main(argv)
     if code:
         raise Exit(code=code)

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MANIFEST} if present, else {DEFAULT_STACK}")
     p.add_argument("--manifest", metavar="FILE", help="node manifest written by provisioning")
     p.add_argument("--gpus", metavar="N", help="override how many GPUs this node must have (0: none)")
+    p.add_argument("--expect", action="append", metavar="KEY=VALUE",
+                   help="override a node expectation, e.g. cuda_home=/opt/cuda or gpu_model=H100 (repeatable; "
+                        "keys as in a stack's node: section)")
     p.add_argument("--only", action="append", metavar="GROUPS|CHECKS", help="run only these (comma-separated)")
     p.add_argument("--skip", action="append", metavar="GROUPS|CHECKS", help="leave these out (comma-separated)")
     p.add_argument("--quick", action="store_true",
@@ -67,6 +70,28 @@ def parse_gpus(text: str | None) -> int | None:
     if not text.isdigit() or int(text) > 64:
         raise UsageError(f"--gpus: {text!r} is not a whole number from 0 to 64")
     return int(text)
+
+
+def parse_expect(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs (YAML-typed values) validated like a manifest's node: section."""
+    import yaml
+
+    from checks.stack import NODE_FIELDS, NODE_OVERRIDES
+
+    out: dict = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or key not in NODE_FIELDS:
+            raise UsageError(f"--expect: {item!r} is not KEY=VALUE with KEY one of {', '.join(NODE_FIELDS)}")
+        try:
+            out[key] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            raise UsageError(f"--expect: cannot read the value of {item!r}") from None
+    problems: list[str] = []
+    NODE_OVERRIDES(out, "", problems)
+    if problems:
+        raise UsageError(f"--expect: {'; '.join(problems)}")
+    return out
 
 
 def check_writable(flag: str, path: str | None) -> None:
@@ -162,6 +187,7 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     timeout = parse_timeout(args.timeout)
     gpus = parse_gpus(args.gpus)
+    expect = parse_expect(args.expect)
     specs = all_checks()
     if args.list:
         list_checks(specs)
@@ -172,7 +198,7 @@ def run(argv: list[str]) -> int:
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
     stack, from_manifest = resolve(args)
-    node = stack.expectations()
+    node = {**stack.expectations(), **expect}
     if gpus is not None:
         node["gpus"] = gpus
     ctx = Context(stack.data, node, quick=args.quick)

@@ -44,7 +44,7 @@ def test_unhealthy_run_exits_1(capsys):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--only", "bogus"], ["--only: unknown check or group 'bogus'", "groups: gpu, jupyter, python, system"]),
+    (["--only", "bogus"], ["--only: unknown check or group 'bogus'", "groups: cuda, gpu, jupyter, python, system"]),
     (["--skip", "system,nope"], ["--skip: unknown check or group 'nope'"]),
     (["--only", "system", "--skip", "system"], ["leave no check to run"]),
     (["--stack", "/nonexistent/stack.yml"], ["/nonexistent/stack.yml: no such file"]),
@@ -151,3 +151,21 @@ def test_progress_lines_on_stderr_off_terminal():
     proc = run_cli("--only", "system.os,python.openssl", "--gpus", "0")
     assert "[1/2] system.os: pass" in proc.stderr and "[2/2] python.openssl:" in proc.stderr
     assert "[1/2]" not in run_cli("--only", "system.os", "--no-progress").stderr
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("colour=red", "--expect: 'colour=red' is not KEY=VALUE with KEY one of gpus"),
+    ("gpus=lots", "--expect: gpus: expected an integer"),
+    ("cuda_home=relative", "--expect: cuda_home: 'relative' is not an absolute path"),
+    ("novalue", "is not KEY=VALUE"),
+])
+def test_bad_expect_exits_2(value, needle):
+    assert_usage_error(run_cli("--expect", value), needle)
+
+
+def test_expect_overrides_node_expectations(tmp_path):
+    proc = run_cli("--only", "system.disk", "--expect", f"data_path={tmp_path}",
+                   "--expect", "min_free_gib={data: 1000000000}", "--json", str(tmp_path / "r.json"))
+    doc = json.loads((tmp_path / "r.json").read_text())
+    data = next(r for r in doc["results"] if r["name"] == "system.disk[data]")
+    assert proc.returncode == 1 and data["status"] == "fail" and str(tmp_path) in data["message"]
