@@ -1,0 +1,340 @@
+"""Per-GPU performance checks: arithmetic against hand-computed values, the model table, the judges on
+healthy and faulty nodes, the probe code on CPU tensors, and the registered checks on this machine."""
+
+import pytest
+
+from checks import perf
+from checks.perf import (
+    FULL,
+    GPU_TABLE,
+    QUICK,
+    GpuSample,
+    PerfProbe,
+    Settings,
+    copy_tbps,
+    expected_figure,
+    judge_gpus,
+    judge_no_cuda,
+    judge_perf,
+    match_model,
+    median,
+    tflops,
+    thresholds,
+    transfer_gbps,
+)
+from checks.registry import _REGISTRY, Context
+from checks.result import Status
+from checks.runner import run_checks
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# --- arithmetic -------------------------------------------------------------------------------------
+
+
+def test_tflops_is_2mnk_over_seconds():
+    assert tflops(1000, 1000, 1000, 1.0) == pytest.approx(0.002)  # 2e9 FLOP in 1 s
+    # 2 x 8192^3 = 1,099,511,627,776 FLOP in 1.4 ms = 785.37 TFLOP/s (an H200-class figure)
+    assert tflops(8192, 8192, 8192, 1.4e-3) == pytest.approx(785.3654, rel=1e-6)
+    # 2 x 4096 x 2048 x 1024 = 17,179,869,184 FLOP in 0.1 ms = 171.80 TFLOP/s (m, n, k not interchangeable-sized)
+    assert tflops(4096, 2048, 1024, 1e-4) == pytest.approx(171.79869184)
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written():
+    # 1 GiB copied in 0.5 ms: 2 x 1,073,741,824 B / 5e-4 s = 4.295 TB/s
+    assert copy_tbps(GiB, 5e-4) == pytest.approx(4.294967296)
+    assert copy_tbps(500_000_000, 1.0) == pytest.approx(0.001)
+
+
+def test_transfer_bandwidth_is_one_way_bytes_over_seconds():
+    # 256 MiB in 10 ms = 268,435,456 B / 0.01 s = 26.84 GB/s (a PCIe Gen4 x16 figure)
+    assert transfer_gbps(256 * MiB, 0.01) == pytest.approx(26.8435456)
+
+
+def test_median_and_thresholds():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([1, 2, 3, 4]) == 2.5
+    assert thresholds(None) == (0.8, 0.9)
+    assert thresholds({"floor_ratio": 0.7}) == (0.7, 0.9)
+    assert thresholds({"outlier_ratio": 0.95, "floor_ratio": 0.85}) == (0.85, 0.95)
+
+
+def test_quick_settings_are_smaller_and_shorter_than_full():
+    assert QUICK.copy_bytes < FULL.copy_bytes and QUICK.host_bytes < FULL.host_bytes
+    assert QUICK.repeats * QUICK.iters < FULL.repeats * FULL.iters
+    assert QUICK.warmup_s < FULL.warmup_s
+    assert QUICK.gemm_n == FULL.gemm_n == 8192  # the size the table's GEMM figures were measured at
+    assert min(QUICK.gemm_buffers, QUICK.copy_buffers, QUICK.host_buffers) >= 2  # inputs rotate
+    # 8 GPUs x (GEMM 8192^3 at >= 255 TFLOP/s) x the timed quick ops stays under a second of GPU time
+    assert 8 * (QUICK.repeats * QUICK.iters) * 2 * 8192**3 / 255e12 < 1.0
+
+
+# --- the model table --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, key", [
+    ("NVIDIA A100-SXM4-80GB", "A100"),
+    ("NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"),
+    ("NVIDIA A100 80GB PCIe", "A100 80GB PCIe"),
+    ("NVIDIA A100-PCIE-40GB", "A100-PCIE-40GB"),
+    ("NVIDIA A800-SXM4-80GB", "A800"),
+    ("NVIDIA H100 80GB HBM3", "H100"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H800", "H800"),
+    ("NVIDIA H200", "H200"),
+    ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA L40S", "L40S"),
+    ("NVIDIA A10", "A10"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+    ("nvidia a100-sxm4-80gb", "A100"),  # case-insensitive
+    ("NVIDIA RTX A1000", None),  # "A100" inside "A1000" is not an A100
+    ("NVIDIA A10G", None),  # not an A10 figure
+    ("NVIDIA L40", None),
+    ("NVIDIA GH200 480GB", None),  # not an H200
+    ("Tesla V100-SXM2-32GB", None),
+    ("", None),
+    (None, None),
+])
+def test_device_names_match_the_right_table_entry(name, key):
+    assert match_model(name) == key
+
+
+def test_every_table_entry_matches_its_own_name_and_holds_positive_figures():
+    for key, figures in GPU_TABLE.items():
+        assert match_model(f"NVIDIA {key}") == key
+        for value in vars(figures).values():
+            assert value is None or value > 0
+
+
+def test_table_uses_the_figures_in_the_facts():
+    assert GPU_TABLE["A100"].gemm_tflops == 255 and GPU_TABLE["A100"].copy_tbps == 1.6
+    assert GPU_TABLE["A100"].h2d_gbps == 26 and GPU_TABLE["A100"].allreduce_busbw_gbps == 230
+    assert GPU_TABLE["H100"].copy_tbps == 2.9 and GPU_TABLE["H100"].h2d_gbps == 51
+    assert GPU_TABLE["H100"].allreduce_busbw_gbps == 370
+    assert GPU_TABLE["H200"].gemm_tflops == 770 and GPU_TABLE["H200"].copy_tbps == 4.3
+    assert GPU_TABLE["H200"].allreduce_busbw_gbps == 475
+
+
+def test_expected_figure_prefers_node_perf_then_table_then_none():
+    assert expected_figure("gemm_tflops", "NVIDIA H200", {"gemm_tflops": 700}).value == 700.0
+    assert expected_figure("gemm_tflops", "NVIDIA H200", {"gemm_tflops": 700}).source == "node.perf.gemm_tflops"
+    table = expected_figure("gemm_tflops", "NVIDIA H200", {})
+    assert (table.value, table.source) == (770.0, "table: H200")
+    unknown = expected_figure("gemm_tflops", "NVIDIA B200", None)
+    assert unknown.value is None and "no table entry" in unknown.source
+    missing = expected_figure("d2h_gbps", "NVIDIA A100-SXM4-80GB", None)
+    assert missing.value is None and "no d2h_gbps figure for A100" in missing.source
+    # an override applies to any model, known or not
+    assert expected_figure("copy_tbps", "NVIDIA B200", {"copy_tbps": 7.0}).value == 7.0
+
+
+# --- judges -----------------------------------------------------------------------------------------
+
+
+def gemm_node(values, name="NVIDIA H200"):
+    return [GpuSample(i, name, {"gemm_tflops": v}, detail={"dtype": "bfloat16"}) for i, v in enumerate(values)]
+
+
+def test_healthy_node_passes_on_every_gpu_with_measured_expected_and_ratio():
+    verdicts = judge_gpus(gemm_node([780, 790, 785, 775, 782, 788, 779, 781]), ["gemm_tflops"], None, 8)
+    assert [v.subject for v in verdicts] == [f"gpu{i}" for i in range(8)]
+    assert all(v.status is Status.PASS for v in verdicts)
+    v = verdicts[0]
+    assert v.measured["gemm_tflops"].value == 780 and v.measured["gemm_tflops"].unit == "TFLOP/s"
+    assert v.measured["gemm_tflops_ratio"].value == pytest.approx(780 / 770, abs=1e-3)
+    assert v.expected["gemm_tflops"].value == 770
+    assert v.expected["gemm_tflops_floor"].value == pytest.approx(616)  # 770 x 0.8
+    assert v.measured["device"].value == "NVIDIA H200" and v.measured["dtype"].value == "bfloat16"
+    assert "table: H200" in v.message
+
+
+def test_gpus_below_the_floor_fail_even_when_all_alike():
+    verdicts = judge_gpus(gemm_node([600] * 8), ["gemm_tflops"], None, 8)
+    assert all(v.status is Status.FAIL for v in verdicts)
+    assert "is 0.78x the expected 770 TFLOP/s" in verdicts[0].message and "floor 0.8x" in verdicts[0].message
+    assert "nvidia-smi -q -d PERFORMANCE" in verdicts[0].remediation
+
+
+def test_one_slow_gpu_is_an_outlier_even_above_the_floor():
+    values = [800] * 8
+    values[3] = 700  # 0.91 of the table (floor met) but 0.875 of the node median 800
+    verdicts = judge_gpus(gemm_node(values), ["gemm_tflops"], None, 8)
+    assert [v.status for v in verdicts] == [Status.PASS] * 3 + [Status.FAIL] + [Status.PASS] * 4
+    bad = verdicts[3]
+    assert "0.88x the node median 800 TFLOP/s" in bad.message and "outlier below 0.9x" in bad.message
+    assert bad.measured["gemm_tflops_vs_median"].value == pytest.approx(0.875)
+
+
+def test_unknown_model_is_judged_against_the_node_median_only():
+    samples = gemm_node([100, 101, 99, 80], name="NVIDIA Future X1")
+    verdicts = judge_gpus(samples, ["gemm_tflops"], None, 4)
+    assert [v.status for v in verdicts] == [Status.PASS, Status.PASS, Status.PASS, Status.FAIL]
+    assert "judged against the node median only" in verdicts[0].message
+    assert "gemm_tflops" not in verdicts[0].expected
+
+
+def test_single_gpu_of_unknown_model_has_nothing_to_fail_against():
+    [v] = judge_gpus(gemm_node([5.0], name="NVIDIA Future X1"), ["gemm_tflops"], None, 1)
+    assert v.status is Status.PASS and "gemm_tflops_vs_median" not in v.measured
+
+
+def test_node_perf_overrides_table_and_ratios():
+    samples = gemm_node([790] * 8)
+    assert all(v.status is Status.FAIL for v in judge_gpus(samples, ["gemm_tflops"], {"gemm_tflops": 1000}, 8))
+    relaxed = {"gemm_tflops": 1000, "floor_ratio": 0.7}
+    assert all(v.status is Status.PASS for v in judge_gpus(samples, ["gemm_tflops"], relaxed, 8))
+    values = [800] * 8
+    values[3] = 700
+    lenient = judge_gpus(gemm_node(values), ["gemm_tflops"], {"outlier_ratio": 0.8}, 8)
+    assert all(v.status is Status.PASS for v in lenient)
+    assert lenient[3].expected["gemm_tflops_min_vs_median"].value == 0.8
+
+
+def test_mixed_models_are_compared_with_their_own_kind():
+    samples = gemm_node([250, 252, 249, 251], "NVIDIA A100-SXM4-80GB") + [
+        GpuSample(i, "NVIDIA H100 80GB HBM3", {"gemm_tflops": 780}) for i in range(4, 8)]
+    assert all(v.status is Status.PASS for v in judge_gpus(samples, ["gemm_tflops"], None, 8))
+
+
+def test_a_gpu_whose_probe_failed_fails_and_the_others_are_still_judged():
+    samples = gemm_node([780] * 4)
+    samples[2] = GpuSample(2, "NVIDIA H200", error="OutOfMemoryError: CUDA out of memory.")
+    verdicts = judge_gpus(samples, ["gemm_tflops"], None, 4)
+    assert [v.status for v in verdicts] == [Status.PASS, Status.PASS, Status.FAIL, Status.PASS]
+    assert "dense GEMM probe failed: OutOfMemoryError" in verdicts[2].message
+
+
+def test_pcie_judges_both_directions_in_one_verdict_per_gpu():
+    samples = [GpuSample(i, "NVIDIA A100-SXM4-80GB", {"h2d_gbps": 25.0, "d2h_gbps": 24.0}) for i in range(4)]
+    samples[1].values["d2h_gbps"] = 12.0  # no table figure for D2H: the median catches it
+    verdicts = judge_gpus(samples, ["h2d_gbps", "d2h_gbps"], None, 4)
+    assert [v.status for v in verdicts] == [Status.PASS, Status.FAIL, Status.PASS, Status.PASS]
+    assert "device-to-host (pinned) 12 GB/s is 0.50x the node median" in verdicts[1].message
+    assert "nvidia-smi -q -d PCI" in verdicts[1].remediation
+    assert verdicts[0].expected["h2d_gbps"].value == 26 and "d2h_gbps" not in verdicts[0].expected
+    # a link trained at Gen3 on every GPU: H2D under the floor everywhere
+    gen3 = [GpuSample(i, "NVIDIA A100-SXM4-80GB", {"h2d_gbps": 12.5, "d2h_gbps": 12.5}) for i in range(4)]
+    assert all(v.status is Status.FAIL for v in judge_gpus(gen3, ["h2d_gbps", "d2h_gbps"], None, 4))
+
+
+def test_fewer_gpus_than_expected_adds_a_warning():
+    verdicts = judge_gpus(gemm_node([780] * 7), ["gemm_tflops"], None, 8)
+    assert verdicts[-1].subject == "node" and verdicts[-1].status is Status.WARN
+    assert "torch sees 7 of the 8 expected GPUs" in verdicts[-1].message
+
+
+def test_no_cuda_fails_on_a_gpu_node_and_skips_on_a_cpu_node():
+    v = judge_no_cuda("torch 2.13.0+cpu is a CPU-only build", 8, "the GEMM benchmark")
+    assert v.status is Status.FAIL
+    assert v.message.startswith("no CUDA device visible to torch (torch 2.13.0+cpu is a CPU-only build)")
+    assert "8 GPU(s)" in v.message and "gpu.driver" in v.remediation
+    skip = judge_no_cuda("torch 2.13.0+cpu is a CPU-only build", 0, "the GEMM benchmark")
+    assert skip.status is Status.SKIP and "expected to have no GPUs" in skip.message
+    [again] = judge_perf(PerfProbe(False, "no driver"), ["gemm_tflops"], None, 8, "the GEMM benchmark")
+    assert again.status is Status.FAIL and "(no driver)" in again.message
+
+
+# --- the probe code, on CPU tensors (the timed paths are the same, CUDA events aside) ---------------------
+
+
+TINY = Settings(gemm_n=64, gemm_buffers=2, copy_bytes=64 * 1024, copy_buffers=3, host_bytes=64 * 1024,
+                host_buffers=2, warmup_ops=2, warmup_s=0.0, repeats=3, iters=4)
+
+
+def test_time_per_op_warms_up_then_times_rotating_ops():
+    torch = pytest.importorskip("torch")
+    seen = []
+    seconds = perf.time_per_op(seen.append, torch.device("cpu"), warmup_ops=2, warmup_s=0.0, repeats=3, iters=4)
+    assert seen == list(range(2 + 3 * 4))  # op numbers run in order: buffers are picked by i % n
+    assert seconds >= 0
+
+
+def test_measurements_on_cpu_tensors_give_positive_figures():
+    torch = pytest.importorskip("torch")
+    cpu = torch.device("cpu")
+    gemm, detail = perf.measure_gemm(cpu, TINY)
+    assert gemm > 0 and detail == {"dtype": "bfloat16", "gemm_size": 64}
+    copy, detail = perf.measure_copy(cpu, TINY)
+    assert copy > 0 and detail == {"copy_bytes": 64 * 1024}
+    up, down, _ = perf.measure_host(cpu, TINY, pinned=False)
+    assert up > 0 and down > 0
+
+
+def test_cuda_status_explains_why_there_is_no_device():
+    torch = pytest.importorskip("torch")
+    usable, count, reason = perf.cuda_status()
+    if torch.cuda.is_available():
+        assert usable and count >= 1 and reason is None
+    else:
+        assert not usable and count == 0 and reason
+        if torch.version.cuda is None:
+            assert "CPU-only build" in reason
+
+
+# --- the registered checks, run as `invoke verify` runs them ----------------------------------------------
+
+PERF_CHECKS = ["perf.gemm", "perf.memory", "perf.pcie"]
+
+
+def perf_specs():
+    import checks.perf  # noqa: F401  (registers the checks)
+
+    return [_REGISTRY[name] for name in PERF_CHECKS]
+
+
+def test_perf_checks_are_registered_isolated_and_run_in_quick_mode():
+    for spec in perf_specs():
+        assert spec.group == "perf" and spec.isolate and not spec.slow and spec.timeout_s
+
+
+def test_registered_checks_on_a_gpu_node_without_cuda_fail_with_the_reason(cu117):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the no-device path cannot be exercised here")
+    ctx = Context(cu117.data, {**cu117.expectations(), "gpus": 8}, quick=True)
+    results = run_checks(perf_specs(), ctx)
+    assert [r.name for r in results] == PERF_CHECKS
+    for r in results:
+        assert r.status is Status.FAIL, r.message
+        assert r.message.startswith("no CUDA device visible to torch (")
+        assert "expected to have 8 GPU(s)" in r.message and r.remediation
+
+
+def test_registered_checks_on_a_node_without_gpus_skip(cu117):
+    ctx = Context(cu117.data, {**cu117.expectations(), "gpus": 0}, quick=True)
+    results = run_checks(perf_specs(), ctx)
+    assert [r.status for r in results] == [Status.SKIP] * 3
+    assert all("expected to have no GPUs" in r.message for r in results)
+
+
+# --- on a GPU node ---------------------------------------------------------------------------------
+
+
+def _need_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA GPU: torch {torch.__version__} sees none here")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bench, metrics", [("gemm", ["gemm_tflops"]), ("memory", ["copy_tbps"]),
+                                            ("pcie", ["h2d_gbps", "d2h_gbps"])])
+def test_real_benchmarks_give_positive_figures_on_every_gpu(bench, metrics):
+    torch = _need_cuda()
+    probe = perf.probe_gpus(bench, quick=True)
+    assert probe.available and len(probe.samples) == torch.cuda.device_count()
+    for sample in probe.samples:
+        assert sample.error is None, sample.error
+        for metric in metrics:
+            assert sample.values[metric] > 0
+
+
+@pytest.mark.gpu
+def test_real_checks_judge_without_errors(cu117):
+    torch = _need_cuda()
+    ctx = Context(cu117.data, {**cu117.expectations(), "gpus": torch.cuda.device_count()}, quick=True)
+    results = run_checks(perf_specs(), ctx)
+    assert {r.status for r in results} <= {Status.PASS, Status.FAIL, Status.WARN}, [r.message for r in results]
+    assert all(r.measured for r in results)
