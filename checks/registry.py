@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Modules whose import registers checks, in report order.
-CHECK_MODULES = ("checks.system", "checks.gpu", "checks.cudalibs", "checks.jupyter")
+CHECK_MODULES = (
+    "checks.system", "checks.gpu", "checks.dcgm", "checks.cudalibs", "checks.nccl", "checks.perf", "checks.jupyter",
+)
 
 DEFAULT_TIMEOUT_S = 120.0
 
