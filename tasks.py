@@ -75,9 +75,11 @@ def lint(c):
     print("lint: all clean")
 
 
-@task(help={"args": "extra pytest arguments, e.g. \"-k stack -x\""})
-def test(c, args=""):
+@task(help={"args": "extra pytest arguments, e.g. \"-k stack -x\"",
+            "quick": "leave out the slow tiers (markers slow and converge): seconds instead of minutes"})
+def test(c, args="", quick=False):
     """Run the test suite (tests needing a GPU are skipped with their reason on CPU)."""
-    result = c.run(f"{shlex.quote(sys.executable)} -m pytest {args}", warn=True, pty=False)
+    select = "-m 'not slow and not converge' " if quick else ""
+    result = c.run(f"{shlex.quote(sys.executable)} -m pytest {select}{args}", warn=True, pty=False)
     if not result.ok:
         raise Exit(code=result.exited)
