@@ -30,6 +30,7 @@ def _flag(argv: list[str], name: str, value) -> None:
         "junit": "write a JUnit XML report to this file",
         "prom": "write a Prometheus textfile-collector file to this file",
         "timeout": "per-check timeout in seconds for isolated checks (overrides each check's own)",
+        "model": "model for the finetune group: a directory, tiny, or random:bloomz-560m",
         "gpus": "override how many GPUs this node must have (0 = a node without GPUs)",
         "expect": "override node expectations: comma-separated KEY=VALUE, e.g. cuda_home=/opt/cuda,gpu_model=H100",
         "list": "list the checks and their groups, then exit",
@@ -37,17 +38,49 @@ def _flag(argv: list[str], name: str, value) -> None:
     }
 )
 def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json=None, junit=None, prom=None,
-           timeout=None, gpus=None, expect=None, list=False, no_progress=False):
+           timeout=None, gpus=None, expect=None, model=None, list=False, no_progress=False):
     """Prove this node is ready for PEFT fine-tuning (exit 0 healthy, 1 unhealthy, 2 bad usage)."""
     from checks.cli import main
 
     argv: list[str] = []
     for name, value in (("stack", stack), ("manifest", manifest), ("only", only), ("skip", skip),
                         ("quick", quick), ("json", json), ("junit", junit), ("prom", prom),
-                        ("timeout", timeout), ("gpus", gpus), ("list", list), ("no-progress", no_progress)):
+                        ("timeout", timeout), ("gpus", gpus), ("model", model), ("list", list),
+                        ("no-progress", no_progress)):
         _flag(argv, name, value)
     for item in (expect or "").split(","):
         _flag(argv, "expect", item.strip())
+    code = main(argv)
+    if code:
+        raise Exit(code=code)
+
+
+@task(
+    help={
+        "model": "tiny, random:bloomz-560m, or a model directory (default: the stack's model.path)",
+        "methods": "comma-separated PEFT methods, or 'all' (default: the stack's finetune.methods)",
+        "steps": "training steps per method (default 30)",
+        "timeout": "per-method timeout in seconds (default 600)",
+        "workers": "at most this many worker processes (default: one per GPU, one on CPU)",
+        "allow_download": "fetch the model from the hub when its directory is missing",
+        "stack": "stack name or file for the defaults (default: the node manifest, else cu117)",
+        "json": "write the JSON report to this file",
+        "junit": "write a JUnit XML report to this file",
+        "prom": "write a Prometheus textfile-collector file to this file",
+        "list": "list the method names, then exit",
+        "no_progress": "no progress line per method",
+    }
+)
+def finetune(c, model=None, methods=None, steps=None, timeout=None, workers=None, allow_download=False, stack=None,
+             json=None, junit=None, prom=None, list=False, no_progress=False):
+    """Smoke fine-tune the model with each PEFT method and check it (exit 0 pass, 1 fail, 2 bad usage)."""
+    from checks.finetune.cli import main
+
+    argv: list[str] = []
+    for name, value in (("model", model), ("methods", methods), ("steps", steps), ("timeout", timeout),
+                        ("workers", workers), ("allow-download", allow_download), ("stack", stack), ("json", json),
+                        ("junit", junit), ("prom", prom), ("list", list), ("no-progress", no_progress)):
+        _flag(argv, name, value)
     code = main(argv)
     if code:
         raise Exit(code=code)

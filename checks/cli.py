@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", action="append", metavar="KEY=VALUE",
                    help="override a node expectation, e.g. cuda_home=/opt/cuda or gpu_model=H100 (repeatable; "
                         "keys as in a stack's node: section)")
+    p.add_argument("--model", metavar="SPEC",
+                   help="model for the finetune group: a directory, tiny, or random:bloomz-560m "
+                        "(default: the stack's model.path)")
     p.add_argument("--only", action="append", metavar="GROUPS|CHECKS", help="run only these (comma-separated)")
     p.add_argument("--skip", action="append", metavar="GROUPS|CHECKS", help="leave these out (comma-separated)")
     p.add_argument("--quick", action="store_true",
@@ -201,7 +204,7 @@ def run(argv: list[str]) -> int:
     node = {**stack.expectations(), **expect}
     if gpus is not None:
         node["gpus"] = gpus
-    ctx = Context(stack.data, node, quick=args.quick)
+    ctx = Context(stack.data, node, quick=args.quick, options={"model": args.model} if args.model else {})
 
     started = datetime.now(timezone.utc)
     hook, close = _progress_hook(len(chosen), not args.no_progress)
@@ -220,8 +223,8 @@ def run(argv: list[str]) -> int:
                "from_manifest": from_manifest},
         started_at=started,
         finished_at=finished,
-        options={"only": args.only or [], "skip": args.skip or [], "quick": args.quick, "timeout_s": timeout,
-                 "gpus": node.get("gpus")},
+        options={"model": args.model, "only": args.only or [], "skip": args.skip or [], "quick": args.quick,
+                 "timeout_s": timeout, "gpus": node.get("gpus")},
     )
     write_reports(report, args)
     return report.exit_code
@@ -249,15 +252,20 @@ def write_reports(report: Report, args) -> None:
     append_step_summary(report)
 
 
-def main(argv: list[str] | None = None) -> int:
+def guarded(run_fn, argv: list[str] | None, prog: str) -> int:
+    """Run a CLI body: usage and configuration errors become one line on stderr and exit 2."""
     try:
-        return run(sys.argv[1:] if argv is None else argv)
+        return run_fn(sys.argv[1:] if argv is None else argv)
     except (UsageError, StackError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return guarded(run, argv, PROG)
 
 
 def console_main() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 # Modules whose import registers checks, in report order.
 CHECK_MODULES = (
     "checks.system", "checks.gpu", "checks.dcgm", "checks.cudalibs", "checks.nccl", "checks.perf", "checks.jupyter",
+    "checks.finetune",
 )
 
 DEFAULT_TIMEOUT_S = 120.0

@@ -45,7 +45,7 @@ def test_unhealthy_run_exits_1(capsys):
 
 @pytest.mark.parametrize("args, needles", [
     (["--only", "bogus"], ["--only: unknown check or group 'bogus'",
-                           "groups: cuda, gpu, jupyter, nccl, perf, python, system"]),
+                           "groups: cuda, finetune, gpu, jupyter, nccl, perf, python, system"]),
     (["--skip", "system,nope"], ["--skip: unknown check or group 'nope'"]),
     (["--only", "system", "--skip", "system"], ["leave no check to run"]),
     (["--stack", "/nonexistent/stack.yml"], ["/nonexistent/stack.yml: no such file"]),

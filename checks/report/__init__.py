@@ -19,6 +19,7 @@ class Report:
     started_at: datetime  # timezone-aware UTC
     finished_at: datetime
     options: dict = field(default_factory=dict)  # only, skip, quick, timeout as given
+    title: str = "peftnode verify"  # which command made the report (console, JUnit, Markdown headings)
 
     @property
     def status(self) -> Status:

@@ -55,7 +55,7 @@ def header_line(report: Report) -> str:
     stack = report.stack.get("name") or "unknown stack"
     started = report.started_at.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     return (
-        f"peftnode verify on {host} against stack {stack}, started {started}, took {format_duration(report.duration_s)}"
+        f"{report.title} on {host} against stack {stack}, started {started}, took {format_duration(report.duration_s)}"
     )
 
 

@@ -64,7 +64,7 @@ def to_junit_element(report: Report) -> ET.Element:
         "skipped": str(counts["skip"]),
         "time": _seconds(report.duration_s),
     }
-    root = ET.Element("testsuites", name="peftnode verify", **totals)
+    root = ET.Element("testsuites", name=report.title, **totals)
     started = report.started_at
     if started.tzinfo is not None:
         started = started.astimezone(timezone.utc)

@@ -59,7 +59,7 @@ def render_markdown(report: Report) -> str:
     stack = report.stack.get("name") or "unknown stack"
     counts = report.counts()
     lines = [
-        f"## {icon} peftnode verify: {verdict} (exit {report.exit_code})",
+        f"## {icon} {report.title}: {verdict} (exit {report.exit_code})",
         "",
         f"Host `{escape_cell(host)}`, stack `{escape_cell(stack)}`, {format_duration(report.duration_s)}.",
         "",

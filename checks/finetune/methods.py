@@ -1,0 +1,260 @@
+"""Which PEFT methods the smoke fine-tune runs, and the PEFT config of each.
+
+The six seed methods (the stack's ``finetune.methods``) use the seed notebooks' hyper-parameters.
+``all`` adds every other method the installed PEFT knows, discovered from its ``PeftType`` enum and
+config mapping rather than listed here, so a PEFT upgrade brings its new methods into the run:
+
+* a method in :data:`KNOWN_SKIPS` is reported as skip with the documented reason;
+* any other method gets its config class's generic defaults (``task_type="CAUSAL_LM"``, and 8
+  virtual tokens for prompt-learning methods); when that config cannot be built, or the method cannot
+  be applied to Bloom with it, the method is a skip carrying the exception text;
+* everything else is trained and checked like the seed methods.
+
+Name lists come from :func:`available_names` without importing PEFT (the parent stays light);
+configs are built in the worker by :func:`plan`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEED_METHODS = ("lora", "adalora", "ia3", "prefix_tuning", "p_tuning", "prompt_tuning")
+ALL = "all"
+
+SEED_LR = 3e-2  # the seed notebooks' learning rate, batch 8
+EXTRA_LR = 3e-2
+PROMPT_INIT_TEXT = "Classify if the tweet is a complaint or not:"
+
+# Named forms of a PEFT type that are not PEFT types themselves: name -> (PEFT type, description).
+VARIANTS = {
+    "prefix_tuning_v2": ("PREFIX_TUNING", "P-Tuning v2: prefix tuning without the reparameterisation MLP"),
+    "dora": ("LORA", "DoRA: LoRA with weight decomposition (use_dora=True)"),
+}
+
+# Variants an older PEFT may lack (DoRA arrived in peft 0.9): skipped with the reason there, not failed.
+OPTIONAL_VARIANTS = frozenset({"dora"})
+
+# PEFT types that cannot run on Bloom in a generic smoke run, with the reason (checked on peft 0.21).
+KNOWN_SKIPS = {
+    "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter) patches LLaMA-family attention only; Bloom is not supported",
+    "XLORA": "X-LoRA mixes already-trained LoRA experts, needs the model built with use_cache=False and fails "
+             "on reload",
+    "BEFT": "BEFT has no default target modules for Bloom; it needs explicit target_modules",
+    "TRAINABLE_TOKENS": "trainable tokens retrains chosen embedding rows; it needs explicit token_indices, which "
+                        "have no generic default",
+    "MULTITASK_PROMPT_TUNING": "multi-task prompt tuning needs per-example task_ids; a single-task smoke run has "
+                               "none",
+    "POLY": "Polytropon routes per task and needs per-example task_ids; a single-task smoke run has none",
+    "CPT": "context-aware prompt tuning is built from in-context examples (cpt_token_ids, cpt_mask, "
+           "cpt_tokens_type_mask of a prompt template); with generic defaults its training loss is NaN",
+}
+
+# Methods whose left-padded batched generate() fails on Bloom (checked on peft 0.21): generate one unpadded
+# prompt at a time for them, as for the prompt-learning methods, and say so in the result.
+UNPADDED_GENERATE = {
+    "SHADOW": "padded cached generation fails on Bloom (attention-mask shape error); one prompt at a time",
+}
+
+# Merge tolerances (atol = rtol) where merging is not exact in float32; 1e-4 otherwise.
+# OSF merges by recomposing its SVD factors (≈ 1e-3 in float32 logits).
+MERGE_TOLERANCE = {"ADALORA": 1e-2, "OFT": 1e-2, "BOFT": 1e-2, "OSF": 1e-2}
+DEFAULT_TOLERANCE = 1e-4
+
+
+class MethodError(ValueError):
+    """An unknown method name: a usage error (exit 2)."""
+
+
+# --- names (parent side, no torch) ---------------------------------------------------------------
+
+
+def _peft_types_from_source() -> list[str] | None:
+    """PeftType member names read from the installed PEFT's source with ``ast`` (no import, no torch)."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        source = Path(root, "utils", "peft_types.py")
+        if not source.is_file():
+            continue
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name == "PeftType":
+                return [t.id for stmt in node.body if isinstance(stmt, ast.Assign) for t in stmt.targets
+                        if isinstance(t, ast.Name) and t.id.isupper()]
+    return None
+
+
+def peft_types() -> list[str]:
+    """Every PEFT type the installed PEFT declares, e.g. ``["PROMPT_TUNING", ..., "LORA", ...]``."""
+    names = _peft_types_from_source()
+    if names is None:  # another layout: ask PEFT itself (slower: imports torch)
+        from peft import PeftType
+
+        names = [t.name for t in PeftType]
+    return names
+
+
+def available_names() -> list[str]:
+    """Every method name ``--methods`` accepts (besides ``all``): seed methods first, then the variants,
+    then the other PEFT types in PEFT's own order."""
+    names = list(SEED_METHODS) + list(VARIANTS)
+    names += [t.lower() for t in peft_types() if t.lower() not in names]
+    return names
+
+
+def expand(requested, defaults=SEED_METHODS) -> list[str]:
+    """Method names from ``--methods`` (comma-separated strings or a list; None: ``defaults``).
+    ``all`` is the defaults plus every other available method. Unknown names raise MethodError."""
+    tokens = _tokens(requested)
+    if not tokens:
+        tokens = list(defaults)
+    known = available_names()
+    out: list[str] = []
+    for tok in tokens:
+        picked = list(defaults) + known if tok == ALL else [tok]
+        for name in picked:
+            if name not in known:
+                raise MethodError(f"--methods: unknown method {name!r} (known: all, {', '.join(known)})")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _tokens(requested) -> list[str]:
+    if not requested:
+        return []
+    if isinstance(requested, str):
+        requested = [requested]
+    return [t.strip().lower() for item in requested for t in str(item).split(",") if t.strip()]
+
+
+# --- configs (worker side: imports peft) ---------------------------------------------------------
+
+
+@dataclass
+class Setting:
+    """What a config builder may use: the run's step count and where the tokenizer lives."""
+
+    steps: int
+    tokenizer_path: str
+
+
+@dataclass
+class Plan:
+    """How to run one method: its PEFT config, or why it is skipped."""
+
+    name: str
+    peft_type: str
+    seed: bool  # one of the seed's methods or variants (failures to apply are failures, not skips)
+    config: object | None = None
+    skip: str | None = None
+    lr: float = SEED_LR
+    merge_tolerance: float = DEFAULT_TOLERANCE
+    unpadded_generate: bool = False  # generate one unpadded prompt at a time
+    notes: list[str] = field(default_factory=list)
+
+
+def _lora(s: Setting, **extra):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
+                      target_modules=["query_key_value"], **extra)
+
+
+def _adalora(s: Setting):
+    from peft import AdaLoraConfig
+
+    # The seed's ranks and betas; tinit/tfinal/deltaT scaled to the run's length so the budget
+    # schedule runs (PEFT requires total_step > 0 and tinit < total_step - tfinal).
+    return AdaLoraConfig(task_type="CAUSAL_LM", init_r=12, target_r=8, beta1=0.85, beta2=0.85,
+                         tinit=s.steps // 5, tfinal=s.steps // 5, deltaT=max(1, s.steps // 10),
+                         lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"], total_step=s.steps)
+
+
+def _ia3(s: Setting):
+    from peft import IA3Config
+
+    return IA3Config(task_type="CAUSAL_LM", target_modules=["query_key_value", "mlp.dense_4h_to_h"],
+                     feedforward_modules=["mlp.dense_4h_to_h"])
+
+
+def _prefix(s: Setting, projection: bool = True):
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=30, prefix_projection=projection)
+
+
+def _p_tuning(s: Setting):
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20, encoder_hidden_size=128,
+                               encoder_reparameterization_type="MLP")
+
+
+def _prompt_tuning(s: Setting):
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="TEXT",
+                              prompt_tuning_init_text=PROMPT_INIT_TEXT, tokenizer_name_or_path=s.tokenizer_path)
+
+
+SEED_CONFIGS: dict[str, tuple[str, Callable[[Setting], object]]] = {
+    "lora": ("LORA", _lora),
+    "adalora": ("ADALORA", _adalora),
+    "ia3": ("IA3", _ia3),
+    "prefix_tuning": ("PREFIX_TUNING", _prefix),
+    "prefix_tuning_v2": ("PREFIX_TUNING", lambda s: _prefix(s, projection=False)),
+    "p_tuning": ("P_TUNING", _p_tuning),
+    "prompt_tuning": ("PROMPT_TUNING", _prompt_tuning),
+    "dora": ("LORA", lambda s: _lora(s, use_dora=True)),
+}
+
+
+def generic_config(peft_type: str):
+    """The config class's own defaults for a causal LM; raises what the class raises."""
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType[peft_type]](task_type="CAUSAL_LM")
+    if getattr(config, "is_prompt_learning", False) and not getattr(config, "num_virtual_tokens", None):
+        config.num_virtual_tokens = 8
+    return config
+
+
+def plan(name: str, setting: Setting) -> Plan:
+    """The plan for ``name``: a config to run, or a skip with its reason."""
+    if name in SEED_CONFIGS:
+        peft_type, build = SEED_CONFIGS[name]
+        seed = name not in OPTIONAL_VARIANTS
+        out = Plan(name, peft_type, seed=seed, lr=SEED_LR,
+                   merge_tolerance=MERGE_TOLERANCE.get(peft_type, DEFAULT_TOLERANCE))
+        try:
+            out.config = build(setting)
+        except Exception as exc:
+            if seed:  # a seed method whose config cannot be built is a failure: let it raise
+                raise
+            out.skip = f"this PEFT cannot build it: {type(exc).__name__}: {_one_line(exc)}"
+        return out
+    peft_type = name.upper()
+    out = Plan(name, peft_type, seed=False, lr=EXTRA_LR,
+               merge_tolerance=MERGE_TOLERANCE.get(peft_type, DEFAULT_TOLERANCE))
+    if peft_type in KNOWN_SKIPS:
+        out.skip = KNOWN_SKIPS[peft_type]
+        return out
+    if peft_type in UNPADDED_GENERATE:
+        out.unpadded_generate = True
+        out.notes.append(UNPADDED_GENERATE[peft_type])
+    try:
+        out.config = generic_config(peft_type)
+    except Exception as exc:  # noqa: BLE001 - any reason is reported as the skip's reason
+        out.skip = f"its config cannot be built with generic defaults: {type(exc).__name__}: {_one_line(exc)}"
+    return out
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"

@@ -1,0 +1,535 @@
+"""Fine-tune one PEFT method briefly and check what PEFT promises about it.
+
+:func:`run_method` returns a plain result dict (JSON-safe) with one named assertion per promise:
+
+``trainable_params``        the adapter has trainable parameters
+``adapter_only_grads``      only adapter parameters are trainable and receive gradients; the base is frozen
+``train``                   the training steps ran (no exception, finite loss)
+``loss_decreased``          held-out loss after N steps is below the loss before
+``adalora_schedule``        (AdaLoRA) total_step is set and update_and_allocate ran after every step
+``save_adapter_only``       save_pretrained wrote adapter_config.json + adapter_model.safetensors and no
+                            base weights
+``reload_logits``           the saved adapter loaded into a fresh base gives the same logits (allclose)
+``disabled_equals_base``    with the adapter disabled the model gives the base model's logits
+``generate``                generate() produces new tokens
+``merge_logits``            merge_and_unload gives the adapter model's logits (methods that merge)
+``merge_differs_from_base`` and those logits are not the base model's
+
+An assertion is ``ok`` True, False, or None when it does not apply (with the reason in ``detail``).
+An exception is charged to the assertion whose stage raised it (``apply`` and ``config`` name the two
+stages before any assertion); the ones it prevented are listed under ``not_run``. The result's
+``failed`` names every assertion that failed, and its ``message`` gives each one's detail.
+Comparisons run in float32 in eval mode; training uses bf16 autocast on GPUs that support it, else
+fp16 autocast with a GradScaler.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from checks.finetune import data as D
+from checks.finetune.methods import Plan
+
+TOLERANCE = 1e-4  # reload / disabled-adapter comparisons (atol = rtol), as PEFT's own tests use
+BATCH_SIZE = 8  # the seed's
+COMPARE_EXAMPLES = 4  # held-out examples whose logits are compared (small: vocabularies are large)
+GENERATE_EXAMPLES = 2
+MAX_NEW_TOKENS = 4
+SEED = 0
+NOT_RUN = "not run: "
+
+ASSERTIONS = ("trainable_params", "adapter_only_grads", "train", "loss_decreased", "adalora_schedule",
+              "save_adapter_only", "reload_logits", "disabled_equals_base", "generate", "merge_logits",
+              "merge_differs_from_base")
+
+
+@dataclass
+class Env:
+    """What every method of a worker shares: the pristine base model and the tokenised data."""
+
+    base: torch.nn.Module
+    tokenizer: object
+    tokenizer_path: str
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype for training; None on CPU
+    train: list[dict[str, torch.Tensor]]
+    held_out: list[dict[str, torch.Tensor]]
+    compare: dict[str, torch.Tensor]  # a left-padded held-out batch whose logits are compared
+    prompts: list[list[int]]  # unpadded held-out prompts for generate()
+    base_logits: torch.Tensor  # the base model's logits on ``compare`` (non-pad positions)
+    base_names: frozenset[str]
+    base_params: int
+    workdir: str
+    info: dict = field(default_factory=dict)
+
+
+def pick_device() -> tuple[torch.device, torch.dtype | None]:
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda", torch.cuda.current_device()), dtype
+    return torch.device("cpu"), None
+
+
+def _tensors(batch: dict[str, list[list[int]]], device) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def prepare(model, tokenizer, tokenizer_path: str, workdir: str, device=None, amp_dtype=None) -> Env:
+    """Move the base to the device, tokenise the bundled data, and record the base's reference logits."""
+    if device is None:
+        device, amp_dtype = pick_device()
+    torch.backends.cuda.matmul.allow_tf32 = False  # comparisons at 1e-4 need true float32 matmuls
+    torch.backends.cudnn.allow_tf32 = False
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train_ex, held_ex = D.split(D.load_examples())
+    random.Random(SEED).shuffle(train_ex)
+    pad = tokenizer.pad_token_id
+    train_rows, held_rows = D.encode(tokenizer, train_ex), D.encode(tokenizer, held_ex)
+    compare = _tensors(D.collate(held_rows[:COMPARE_EXAMPLES], pad), device)
+    env = Env(
+        base=model, tokenizer=tokenizer, tokenizer_path=tokenizer_path, device=device, amp_dtype=amp_dtype,
+        train=[_tensors(b, device) for b in D.batches(train_rows, BATCH_SIZE, pad)],
+        held_out=[_tensors(b, device) for b in D.batches(held_rows, BATCH_SIZE, pad)],
+        compare=compare,
+        prompts=[r["prompt_ids"] for r in held_rows[:GENERATE_EXAMPLES]],
+        base_logits=compare_logits(model, compare),
+        base_names=frozenset(n for n, _ in model.named_parameters()) | frozenset(model.state_dict()),
+        base_params=sum(p.numel() for p in model.parameters()),
+        workdir=workdir,
+    )
+    env.info = {"device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+                "train_examples": len(train_rows), "held_out_examples": len(held_rows)}
+    return env
+
+
+# --- measurements --------------------------------------------------------------------------------
+
+
+def _tail(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """Prompt-learning models return logits for their virtual tokens too: keep the real positions."""
+    return logits[:, -length:]
+
+
+@torch.no_grad()
+def compare_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 logits at the batch's non-pad positions, shape [tokens, vocab]."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    return _tail(logits, ids.shape[1]).float()[mask.bool()]
+
+
+@torch.no_grad()
+def held_out_loss(model, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean cross-entropy over the answer tokens of the held-out set (no regulariser terms)."""
+    total, count = 0.0, 0
+    for b in batches:
+        ids = b["input_ids"]
+        logits = _tail(model(input_ids=ids, attention_mask=b["attention_mask"]).logits, ids.shape[1]).float()
+        target = b["labels"][:, 1:]
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 ignore_index=-100, reduction="sum").item()
+        count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, atol=tol, rtol=tol))
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what): GPU allocator peak since the method started, or this process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class _Record:
+    def __init__(self):
+        self.assertions: dict[str, dict] = {}
+        self.metrics: dict = {}
+        self.stage = "apply"  # the assertion an unexpected exception is charged to
+
+    def put(self, name: str, ok: bool | None, detail: str) -> bool | None:
+        self.assertions[name] = {"ok": ok, "detail": detail}
+        return ok
+
+    def crashed(self, name: str, exc: BaseException) -> None:
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+        self.put(name, False, f"{type(exc).__name__}: {_one_line(exc)}{at}")
+
+    def not_run(self, names, why: str) -> None:
+        for name in names:
+            self.assertions.setdefault(name, {"ok": False, "detail": f"{NOT_RUN}{why}"})
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def is_prompt_learning(config) -> bool:
+    flag = getattr(config, "is_prompt_learning", None)
+    if flag is not None:
+        return bool(flag)
+    from peft import PromptLearningConfig  # peft < 0.5 has no is_prompt_learning on the config
+
+    return isinstance(config, PromptLearningConfig)
+
+
+def is_adapter_param(name: str, adapter: str = "default") -> bool:
+    """PEFT names every adapter parameter with the adapter's name as one dotted component."""
+    return adapter in name.split(".")
+
+
+def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, faults: frozenset[str] = frozenset(),
+               ) -> dict:
+    """Train ``plan``'s method for ``steps`` steps and check it. Never raises for a method's own failure."""
+    started = time.perf_counter()
+    result = {"method": plan.name, "peft_type": plan.peft_type, "seed": plan.seed, "steps": steps,
+              "device": env.info.get("device"), "notes": list(plan.notes)}
+    if plan.skip:
+        return result | {"status": "skip", "message": plan.skip, "assertions": {}, "metrics": {}}
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    rec = _Record()
+    lr = 0.0 if "zero_lr" in faults else plan.lr if lr is None else lr
+    try:
+        _run(plan, env, steps, lr, faults, rec, result)
+    except _Skip as skip:
+        return result | {"status": "skip", "message": str(skip), "assertions": {}, "metrics": rec.metrics}
+    except Exception as exc:  # outside the guarded checks: charge it to the stage that was running
+        rec.crashed(rec.stage, exc)
+        rec.not_run(_applicable(plan), f"the method stopped at {rec.stage}")
+    rec.metrics["wall_s"] = round(time.perf_counter() - started, 4)
+    rec.metrics["peak_memory_bytes"], rec.metrics["peak_memory_kind"] = peak_memory(env.device)
+    not_run = [n for n, a in rec.assertions.items() if a["ok"] is False and a["detail"].startswith(NOT_RUN)]
+    failed = [n for n, a in rec.assertions.items() if a["ok"] is False and n not in not_run]
+    result |= {"assertions": rec.assertions, "metrics": rec.metrics, "failed": failed, "not_run": not_run}
+    if failed or not_run:
+        parts = [f"{n}: {rec.assertions[n]['detail']}" for n in failed]
+        if not_run:
+            parts.append(f"not run: {', '.join(not_run)}")
+        result |= {"status": "fail", "message": "; ".join(parts)}
+    else:
+        result |= {"status": "pass", "message": summary(result)}
+    return result
+
+
+def config_failure(name: str, exc: BaseException) -> dict:
+    """The result of a method whose PEFT config could not be built (a seed method on an unsuitable PEFT)."""
+    detail = f"{type(exc).__name__}: {_one_line(exc)}"
+    return {"method": name, "status": "fail", "message": f"config: {detail}", "failed": ["config"], "not_run": [],
+            "assertions": {"config": {"ok": False, "detail": detail}}, "metrics": {}}
+
+
+def summary(result: dict) -> str:
+    m = result["metrics"]
+    na = [n for n, a in result["assertions"].items() if a["ok"] is None]
+    text = (f"{result['steps']} steps, held-out loss {m.get('loss_before', math.nan):.3f} -> "
+            f"{m.get('loss_after', math.nan):.3f}; "
+            f"{sum(1 for a in result['assertions'].values() if a['ok'])} assertions passed")
+    return text + (f" ({', '.join(na)}: n/a)" if na else "")
+
+
+class _Skip(Exception):
+    pass
+
+
+def _run(plan: Plan, env: Env, steps: int, lr: float, faults, rec: _Record, result: dict) -> None:
+    from peft import get_peft_model
+
+    torch.manual_seed(SEED)
+    try:
+        model = get_peft_model(copy.deepcopy(env.base), plan.config)
+    except Exception as exc:
+        if not plan.seed:  # an extra method PEFT cannot put on Bloom with generic defaults
+            raise _Skip(f"cannot be applied to Bloom with generic defaults: {type(exc).__name__}: "
+                        f"{_one_line(exc, 300)}") from exc
+        rec.crashed("apply", exc)
+        rec.not_run(_applicable(plan), "the adapter could not be applied")
+        return
+    model.to(env.device)
+    prompt_learning = is_prompt_learning(plan.config)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in trainable)
+    rec.metrics |= {"trainable_params": n_trainable, "base_params": env.base_params}
+    rec.put("trainable_params", n_trainable > 0, f"{n_trainable:,} trainable parameters")
+
+    rec.stage = "loss_decreased"
+    rec.metrics["loss_before"] = held_out_loss(model.eval(), env.held_out)
+    rec.stage = "train"
+    trained = _train(plan, model, env, steps, lr, rec)
+    if not trained:
+        rec.not_run(_applicable(plan), "training did not complete")
+        return
+    model.eval()
+    rec.stage = "loss_decreased"
+    rec.metrics["loss_after"] = after = held_out_loss(model, env.held_out)
+    before = rec.metrics["loss_before"]
+    rec.put("loss_decreased", math.isfinite(after) and after < before,
+            f"held-out loss {before:.4f} -> {after:.4f} after {steps} steps at lr {lr:g}")
+
+    rec.stage = "reload_logits"
+    adapter_logits = compare_logits(model, env.compare)
+    adapter_dir = tempfile.mkdtemp(prefix=f"{plan.name}-", dir=env.workdir)
+    try:
+        if _check_save(model, adapter_dir, env, rec):
+            if "corrupt_adapter" in faults:
+                _corrupt(adapter_dir)
+            _check_reload(adapter_dir, adapter_logits, env, rec)
+        else:
+            rec.not_run(["reload_logits"], "no adapter was saved")
+    finally:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    _check_disabled(model, env, rec)
+    _check_generate(plan, model, env, rec, prompt_learning)
+    _check_merge(plan, model, adapter_logits, env, rec, prompt_learning)  # last: merging changes the model
+
+
+def _applicable(plan: Plan) -> list[str]:
+    return [n for n in ASSERTIONS if n != "adalora_schedule" or plan.peft_type == "ADALORA"]
+
+
+def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record) -> bool:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        rec.put("train", False, "nothing to train")
+        return False
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(steps, 1)))
+    use_scaler = env.device.type == "cuda" and env.amp_dtype == torch.float16
+    scaler = _grad_scaler() if use_scaler else None
+    adalora = plan.peft_type == "ADALORA"
+    allocate_calls, tokens, losses = 0, 0, []
+    model.train()
+    started = time.perf_counter()
+    try:
+        for step in range(steps):
+            batch = env.train[step % len(env.train)]
+            with _autocast(env):
+                loss = model(**batch).loss
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"training loss is {losses[-1]} at step {step}")
+            (scaler.scale(loss) if scaler else loss).backward()
+            if step == 0:
+                _check_grads(model, rec)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            schedule.step()
+            if adalora:  # after the optimizer step, while the gradients are still there
+                model.base_model.update_and_allocate(step)
+                allocate_calls += 1
+            optimizer.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+    except Exception as exc:
+        rec.crashed("train", exc)
+        return False
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    rec.put("train", True, f"{steps} steps, last training loss {losses[-1]:.4f}" if losses else "0 steps")
+    rec.metrics |= {"train_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3),
+                    "tokens_per_s": round(tokens / elapsed, 1), "train_tokens": tokens,
+                    "first_train_loss": losses[0] if losses else None,
+                    "last_train_loss": losses[-1] if losses else None}
+    if adalora:
+        total = getattr(model.peft_config["default"], "total_step", None)
+        ok = bool(total) and total == steps and allocate_calls == steps
+        rec.put("adalora_schedule", ok, f"total_step {total}, update_and_allocate called {allocate_calls} times "
+                                        f"in {steps} steps")
+        rec.metrics["update_and_allocate_calls"] = allocate_calls
+    return True
+
+
+def _grad_scaler():
+    try:
+        return torch.amp.GradScaler("cuda")
+    except (AttributeError, TypeError):  # torch < 2.3
+        return torch.cuda.amp.GradScaler()
+
+
+def _autocast(env: Env):
+    if env.amp_dtype is None:
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast(env.device.type, dtype=env.amp_dtype)
+
+
+def _check_grads(model, rec: _Record) -> None:
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    not_adapter = [n for n in trainable if not is_adapter_param(n)]
+    with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
+    frozen_with_grad = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
+    nonzero = [n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    problems = []
+    if not_adapter:
+        problems.append(f"non-adapter parameters are trainable: {', '.join(not_adapter[:3])}")
+    if frozen_with_grad:
+        problems.append(f"frozen parameters received gradients: {', '.join(frozen_with_grad[:3])}")
+    outside = [n for n in with_grad if not is_adapter_param(n)]
+    if outside:
+        problems.append(f"non-adapter parameters received gradients: {', '.join(outside[:3])}")
+    if not nonzero:
+        problems.append("no adapter parameter received a non-zero gradient")
+    detail = "; ".join(problems) or (f"{len(with_grad)} adapter tensors received gradients "
+                                     f"({len(nonzero)} non-zero); the base is frozen")
+    rec.put("adapter_only_grads", not problems, detail)
+
+
+def _check_save(model, adapter_dir: str, env: Env, rec: _Record) -> bool:
+    try:
+        try:  # safetensors is the default since peft 0.6; say so for older ones
+            model.save_pretrained(adapter_dir, safe_serialization=True)
+        except TypeError:
+            model.save_pretrained(adapter_dir)
+    except Exception as exc:
+        rec.crashed("save_adapter_only", exc)
+        return False
+    files = sorted(os.listdir(adapter_dir))
+    problems = [f"{f} missing" for f in ("adapter_config.json", "adapter_model.safetensors") if f not in files]
+    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+               and not f.startswith("adapter_model")]
+    if weights:
+        problems.append(f"base weight files written: {', '.join(weights)}")
+    saved_params = 0
+    if "adapter_model.safetensors" in files:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as fh:
+            keys = list(fh.keys())
+            saved_params = sum(math.prod(fh.get_slice(k).get_shape()) for k in keys)
+        base_keys = [k for k in keys if _strip(k) in env.base_names]
+        if base_keys:
+            problems.append(f"base weights saved in the adapter: {', '.join(base_keys[:3])}")
+    rec.metrics["adapter_params_saved"] = saved_params
+    size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in files)
+    rec.metrics["adapter_bytes"] = size
+    rec.put("save_adapter_only", not problems,
+            "; ".join(problems) or f"wrote {', '.join(files)} ({size:,} bytes, {saved_params:,} values)")
+    return "adapter_model.safetensors" in files and "adapter_config.json" in files
+
+
+def _strip(key: str) -> str:
+    for prefix in ("base_model.model.", "base_model."):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _corrupt(adapter_dir: str) -> None:
+    """Test hook: overwrite the saved adapter's tensors with noise, as a damaged file would hold."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    tensors = load_file(path)
+    gen = torch.Generator().manual_seed(1)
+    save_file({k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def _check_reload(adapter_dir: str, adapter_logits: torch.Tensor, env: Env, rec: _Record) -> None:
+    from peft import PeftModel
+
+    try:
+        reloaded = PeftModel.from_pretrained(copy.deepcopy(env.base), adapter_dir).to(env.device).eval()
+        logits = compare_logits(reloaded, env.compare)
+    except Exception as exc:
+        rec.crashed("reload_logits", exc)
+        return
+    diff = max_diff(logits, adapter_logits)
+    rec.metrics["reload_max_abs_diff"] = diff
+    rec.put("reload_logits", close(logits, adapter_logits, TOLERANCE),
+            f"max |reloaded - trained| = {diff:.3g} (tolerance {TOLERANCE:g})")
+    del reloaded
+
+
+def _check_disabled(model, env: Env, rec: _Record) -> None:
+    try:
+        with model.disable_adapter():
+            logits = compare_logits(model, env.compare)
+    except Exception as exc:
+        rec.crashed("disabled_equals_base", exc)
+        return
+    diff = max_diff(logits, env.base_logits)
+    rec.metrics["disabled_max_abs_diff"] = diff
+    rec.put("disabled_equals_base", close(logits, env.base_logits, TOLERANCE),
+            f"max |disabled - base| = {diff:.3g} (tolerance {TOLERANCE:g})")
+
+
+def _check_generate(plan: Plan, model, env: Env, rec: _Record, prompt_learning: bool) -> None:
+    pad = env.tokenizer.pad_token_id
+    kwargs = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "pad_token_id": pad}
+    if plan.peft_type == "PREFIX_TUNING":
+        kwargs["use_cache"] = False  # Bloom ignores the prefix in cached generation
+    try:
+        unpadded = prompt_learning or plan.unpadded_generate
+        if unpadded:  # padded batches break prompt-learning generation on Bloom: one at a time
+            new = []
+            for prompt in env.prompts:
+                ids = torch.tensor([prompt], device=env.device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                new.append(out.shape[1] - ids.shape[1])
+        else:
+            batch = _tensors(D.collate([{"input_ids": p, "labels": p} for p in env.prompts], pad), env.device)
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            new = [out.shape[1] - batch["input_ids"].shape[1]] * len(env.prompts)
+    except Exception as exc:
+        rec.crashed("generate", exc)
+        return
+    rec.metrics["generated_tokens"] = new
+    how = "one unpadded prompt at a time" if unpadded else "a left-padded batch"
+    rec.put("generate", all(n >= 1 for n in new),
+            f"{new} new tokens for {len(new)} prompts ({how}{', use_cache=False' if 'use_cache' in kwargs else ''})")
+
+
+def _check_merge(plan: Plan, model, adapter_logits, env: Env, rec: _Record, prompt_learning: bool) -> None:
+    if prompt_learning:
+        for name in ("merge_logits", "merge_differs_from_base"):
+            rec.put(name, None, "prompt-learning methods have no weights to merge")
+        return
+    try:
+        merged = model.merge_and_unload()
+    except NotImplementedError as exc:
+        for name in ("merge_logits", "merge_differs_from_base"):
+            rec.put(name, None, f"{plan.peft_type} does not merge: {_one_line(exc, 200)}")
+        return
+    except Exception as exc:
+        rec.crashed("merge_logits", exc)
+        rec.not_run(["merge_differs_from_base"], "merge_and_unload failed")
+        return
+    logits = compare_logits(merged.eval(), env.compare)
+    tol = plan.merge_tolerance
+    diff = max_diff(logits, adapter_logits)
+    from_base = max_diff(logits, env.base_logits)
+    rec.metrics |= {"merge_max_abs_diff": diff, "merge_vs_base_max_abs_diff": from_base}
+    rec.put("merge_logits", close(logits, adapter_logits, tol),
+            f"max |merged - adapter| = {diff:.3g} (tolerance {tol:g})")
+    rec.put("merge_differs_from_base", not close(logits, env.base_logits, TOLERANCE),
+            f"max |merged - base| = {from_base:.3g} (must exceed tolerance {TOLERANCE:g})")

@@ -1,0 +1,110 @@
+"""The fine-tune worker: one long-lived process per GPU (one on a CPU-only node).
+
+It pays the torch/transformers/peft import once, builds or loads the model once, then runs methods
+one at a time as the parent asks. It speaks JSON lines: requests on stdin, replies on the file
+descriptor it was given as stdout, which it keeps for itself; everything anything else prints goes
+to stderr (the parent keeps that in a log and quotes its tail when the worker dies).
+
+Requests: ``{"op": "load", "model": ModelSpec dict}``, ``{"op": "run", "method": NAME, "steps": N,
+"lr": float | null, "faults": [...]}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports),
+``loaded``, ``result``, ``error``.
+
+``faults`` is a test hook: ``hang`` (sleep forever), ``crash`` (abort), ``raise`` (an exception in the
+worker), ``zero_lr`` (train at learning rate 0, so the loss cannot fall) and ``corrupt_adapter`` (damage
+the saved adapter before the reload check).
+
+Usage: ``python -m checks.finetune.worker WORKDIR`` (scratch space the parent creates and removes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _channel():
+    """Keep the real stdout for replies; send fd 1 (stray prints from libraries) to stderr."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return proto
+
+
+def main() -> int:
+    proto = _channel()
+
+    def reply(event: str, **fields) -> None:
+        proto.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+        proto.flush()
+
+    started = time.perf_counter()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import peft
+    import torch
+    import transformers
+
+    from checks.finetune import methods as M
+    from checks.finetune import model as model_mod
+    from checks.finetune import run as R
+
+    reply("hello", pid=os.getpid(), import_s=round(time.perf_counter() - started, 3),
+          versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+          device=str(R.pick_device()[0]), cuda=torch.cuda.is_available())
+    env = None
+    workdir = sys.argv[1] if len(sys.argv) > 1 else None
+    if not workdir:
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="peftnode-finetune-")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        op = request.get("op")
+        try:
+            if op == "exit":
+                break
+            if op == "load":
+                t0 = time.perf_counter()
+                spec = model_mod.ModelSpec.from_dict(request["model"])
+                model, tokenizer, tokenizer_path = model_mod.load(spec, tokenizer_dir=os.path.join(workdir, "tok"))
+                params = model_mod.count_parameters(model)
+                env = R.prepare(model, tokenizer, tokenizer_path, workdir)
+                reply("loaded", load_s=round(time.perf_counter() - t0, 3), params=params, **env.info)
+            elif op == "run":
+                if env is None:
+                    raise RuntimeError("no model loaded")
+                faults = set(request.get("faults") or ())
+                _inject(faults)
+                try:
+                    plan = M.plan(request["method"], M.Setting(int(request["steps"]), env.tokenizer_path))
+                except Exception as exc:  # a seed method's config this PEFT cannot build
+                    reply("result", result=R.config_failure(request["method"], exc))
+                    continue
+                result = R.run_method(plan, env, int(request["steps"]), request.get("lr"), frozenset(faults))
+                reply("result", result=result)
+            else:
+                raise ValueError(f"unknown request {op!r}")
+        except Exception as exc:  # reported to the parent; the worker stays usable
+            reply("error", op=op, message=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+                  traceback=traceback.format_exc()[-4000:])
+    return 0
+
+
+def _inject(faults: set[str]) -> None:
+    if "hang" in faults:
+        while True:
+            time.sleep(3600)
+    if "crash" in faults:
+        os.abort()
+    if "raise" in faults:
+        raise RuntimeError("injected failure (test hook)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
