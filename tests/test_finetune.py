@@ -364,3 +364,17 @@ def test_methods_run_on_the_gpus():
     assert len(run.workers) == min(torch.cuda.device_count(), 4)
     for r in run.results:
         assert r["metrics"]["peak_memory_kind"] == "cuda_max_allocated" and r["metrics"]["peak_memory_bytes"] > 0
+
+
+def test_missing_packages_fail_with_the_reason_not_a_crash(monkeypatch, cu117):
+    import importlib.util
+
+    import checks.finetune as ft
+    from checks.registry import Context
+    from checks.result import Status
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    [v] = ft.finetune_methods(Context(cu117.data, cu117.expectations(), options={"model": "tiny"}))
+    assert v.status is Status.FAIL and v.message.startswith("cannot fine-tune: peft not installed")
+    assert ft.missing_packages() == ["peft"]

@@ -126,6 +126,7 @@ def converge(tmp_path):
         "peftnode_offline": True,
         "peftnode_artifact_dir": str(empty),
         "peftnode_model_source_dir": str(model_src),
+        "peftnode_tasks_dir": str(node / "peftnode"),
         "peftnode_wheelhouse": str(wheelhouse),
         "peftnode_self_requirement": None,
         "peftnode_cache_dir": str(node / "cache"),

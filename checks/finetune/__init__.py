@@ -102,6 +102,26 @@ def missing_model_verdict(spec) -> Verdict:
                    remediation=spec.fetch_hint())
 
 
+REQUIRED_PACKAGES = ("torch", "transformers", "peft")
+
+
+def missing_packages() -> list[str]:
+    """What the fine-tune needs but this environment lacks (looked up without importing anything)."""
+    import importlib.util
+
+    return [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def missing_packages_verdict(missing: list[str]) -> Verdict:
+    import sys
+
+    return Verdict(Status.FAIL, f"cannot fine-tune: {', '.join(missing)} not installed in this environment "
+                                f"({sys.executable})", measured={"missing": ", ".join(missing)},
+                   expected={"installed": ", ".join(REQUIRED_PACKAGES)},
+                   remediation="Run verify from the stack's virtualenv (the venv role installs them), or "
+                               "pip install 'peftnode[verify]'.")
+
+
 @check("finetune.methods", "Each PEFT method fine-tunes, saves, reloads, merges and generates on the stack's model",
        isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
 def finetune_methods(ctx: Context) -> list[Verdict]:
@@ -109,6 +129,9 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
     from checks.finetune.model import ModelSpecError
     from checks.finetune.pool import run_methods
 
+    missing = missing_packages()
+    if missing:
+        return [missing_packages_verdict(missing)]
     try:
         s = settings_from(ctx)
     except (MethodError, ModelSpecError) as exc:

@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from checks.finetune import missing_model_verdict, verdict_of, worker_verdict
+from checks.finetune import missing_model_verdict, missing_packages, verdict_of, worker_verdict
 from checks.finetune.methods import SEED_METHODS, VARIANTS, MethodError, available_names, expand
 from checks.finetune.model import ModelSpecError, parse_model_spec
 from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S, run_methods
@@ -87,6 +87,10 @@ def _list_methods(defaults) -> None:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_packages()
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not installed in this environment ({sys.executable}); "
+                         "run from the stack's virtualenv or pip install 'peftnode[verify]'")
     steps = _positive("--steps", args.steps, int, 100_000)
     timeout = _positive("--timeout", args.timeout) or DEFAULT_TIMEOUT_S
     workers = _positive("--workers", args.workers, int, 64)
