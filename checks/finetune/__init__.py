@@ -10,7 +10,14 @@ Options read from the run's context (``ctx.options``), all optional:
 ``methods`` (names or ``all``; default the stack's ``finetune.methods``), ``steps``,
 ``method_timeout`` (seconds per method), ``allow_download``, ``workers``.
 
-Importing this package is cheap: torch is imported only by the workers.
+``finetune.distributed`` fine-tunes LoRA with DDP across the node's GPUs (torchrun, NCCL) and checks
+that every rank finishes, the loss falls and the adapters stay identical on every rank;
+``finetune.deepspeed`` runs LoRA steps under DeepSpeed ZeRO stage 2 on one GPU (see
+:mod:`checks.finetune.distributed`). They read ``model``, ``steps``, ``method_timeout`` (the whole
+torchrun run), ``allow_download`` and ``nproc`` (ranks; on a node without CUDA an explicit nproc runs
+them on the CPU over gloo; also ``PEFTNODE_FINETUNE_NPROC``).
+
+Importing this package is cheap: torch is imported only by the workers and the torchrun ranks.
 """
 
 from __future__ import annotations
@@ -144,3 +151,54 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
     verdicts = [verdict_of(r, f"invoke finetune --model {s['model'].name}") for r in run.results]
     workers = worker_verdict(run)
     return verdicts + ([workers] if workers else [])
+
+
+def _distributed_settings(ctx: Context, minimum_nproc: int) -> dict:
+    """Model spec, steps, timeout and explicit nproc for the distributed checks (raising usage errors)."""
+    from checks.finetune.distributed import DEFAULT_STEPS, DEFAULT_TIMEOUT_S, requested_nproc
+    from checks.finetune.model import parse_model_spec
+
+    options = ctx.options or {}
+    spec = parse_model_spec(options.get("model"), ctx.stack.get("model"),
+                            allow_download=bool(options.get("allow_download")))
+    return {"model": spec, "steps": int(options.get("steps") or DEFAULT_STEPS),
+            "timeout_s": float(options.get("method_timeout") or DEFAULT_TIMEOUT_S),
+            "nproc": requested_nproc(options, minimum_nproc)}
+
+
+def preflight(spec) -> Verdict | None:
+    """What stops a planned fine-tune before it starts: missing packages, then a missing model."""
+    missing = missing_packages()
+    if missing:
+        return missing_packages_verdict(missing)
+    return missing_model_verdict(spec) if spec.missing() else None
+
+
+def _distributed_check(ctx: Context, minimum_nproc: int, body) -> list[Verdict]:
+    from checks.finetune.distributed import SettingsError
+    from checks.finetune.model import ModelSpecError
+
+    try:
+        s = _distributed_settings(ctx, minimum_nproc)
+        return body(int(ctx.node.get("gpus", 0)), s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
+                    nproc=s["nproc"], preflight=preflight)
+    except (SettingsError, ModelSpecError) as exc:
+        return [Verdict(Status.ERROR, f"bad distributed fine-tune settings: {exc}",
+                        remediation="Fix the options given (model, nproc) or PEFTNODE_FINETUNE_NPROC.")]
+
+
+@check("finetune.distributed", "LoRA fine-tune with DDP across the node's GPUs (torchrun, NCCL): every rank "
+                               "finishes, the loss falls, the adapters are identical on every rank",
+       isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
+def finetune_distributed(ctx: Context) -> list[Verdict]:
+    from checks.finetune.distributed import ddp_verdicts
+
+    return _distributed_check(ctx, 2, ddp_verdicts)
+
+
+@check("finetune.deepspeed", "LoRA fine-tune under DeepSpeed ZeRO stage 2 on one GPU: the loss is finite and falls",
+       isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
+def finetune_deepspeed(ctx: Context) -> list[Verdict]:
+    from checks.finetune.distributed import zero_verdicts
+
+    return _distributed_check(ctx, 1, zero_verdicts)

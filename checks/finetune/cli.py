@@ -1,5 +1,10 @@
 """``invoke finetune``: the smoke fine-tune on its own, with the same reports as ``invoke verify``.
 
+``--distributed`` runs the DDP LoRA fine-tune across the local GPUs instead (check
+``finetune.distributed``), ``--deepspeed`` the DeepSpeed ZeRO stage 2 one (``finetune.deepspeed``);
+both together run both. ``--nproc N`` sets their rank count; on a node without CUDA it runs them on
+the CPU over gloo.
+
 Exit codes as verify: 0 every method passed or was skipped with a reason, 1 a method failed or
 errored (or the model is missing), 2 bad usage (unknown method, bad model spec, bad number): one line
 on stderr, never a traceback.
@@ -13,7 +18,10 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from checks.finetune import missing_model_verdict, missing_packages, verdict_of, worker_verdict
+from checks.finetune import missing_model_verdict, missing_packages, preflight, verdict_of, worker_verdict
+from checks.finetune.distributed import DEFAULT_STEPS as DIST_STEPS
+from checks.finetune.distributed import DEFAULT_TIMEOUT_S as DIST_TIMEOUT_S
+from checks.finetune.distributed import NPROC_ENV, SettingsError, ddp_verdicts, requested_nproc, zero_verdicts
 from checks.finetune.methods import SEED_METHODS, VARIANTS, MethodError, available_names, expand
 from checks.finetune.model import ModelSpecError, parse_model_spec
 from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S, run_methods
@@ -24,6 +32,7 @@ from checks.stack import DEFAULT_MANIFEST, DEFAULT_STACK, load_manifest, load_st
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 PROG = "peftnode finetune"
 CHECK_NAME, GROUP = "finetune.methods", "finetune"
+DDP_CHECK, ZERO_CHECK = "finetune.distributed", "finetune.deepspeed"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,9 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", action="append", metavar="NAMES",
                    help="comma-separated methods, or 'all' (the defaults plus every other method the installed PEFT "
                         "has); default: the stack's finetune.methods")
-    p.add_argument("--steps", metavar="N", default=str(DEFAULT_STEPS), help=f"training steps per method "
-                                                                             f"(default {DEFAULT_STEPS})")
-    p.add_argument("--timeout", metavar="SECONDS", help=f"per-method timeout (default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--steps", metavar="N", help=f"training steps per method (default {DEFAULT_STEPS}; "
+                                                f"{DIST_STEPS} with --distributed / --deepspeed)")
+    p.add_argument("--timeout", metavar="SECONDS", help=f"per-method timeout (default {DEFAULT_TIMEOUT_S:g}); with "
+                                                        f"--distributed / --deepspeed, the whole torchrun run's "
+                                                        f"(default {DIST_TIMEOUT_S:g})")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead of the methods: LoRA with DDP across all local GPUs via torchrun (NCCL), checking "
+                        "that every rank finishes, the loss falls and the adapters are identical on every rank")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="instead of the methods: LoRA steps under DeepSpeed ZeRO stage 2 on one GPU (skipped when "
+                        "DeepSpeed is not installed)")
+    p.add_argument("--nproc", metavar="N", help=f"ranks for --distributed (default: one per CUDA device) or "
+                                                f"--deepspeed (default 1); without CUDA, N ranks on the CPU over "
+                                                f"gloo (also {NPROC_ENV})")
     p.add_argument("--workers", metavar="N", help="at most this many worker processes (default: one per GPU, one "
                                                   "on a CPU-only node)")
     p.add_argument("--allow-download", action="store_true",
@@ -91,9 +111,17 @@ def run(argv: list[str]) -> int:
     if missing:
         raise UsageError(f"{', '.join(missing)} not installed in this environment ({sys.executable}); "
                          "run from the stack's virtualenv or pip install 'peftnode[verify]'")
-    steps = _positive("--steps", args.steps, int, 100_000)
-    timeout = _positive("--timeout", args.timeout) or DEFAULT_TIMEOUT_S
+    distributed = args.distributed or args.deepspeed
+    if distributed:
+        for flag in ("methods", "workers", "list"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} does not apply to --distributed / --deepspeed (they fine-tune LoRA)")
+    elif args.nproc is not None:
+        raise UsageError("--nproc applies to --distributed / --deepspeed only")
+    steps = _positive("--steps", args.steps, int, 100_000) or (DIST_STEPS if distributed else DEFAULT_STEPS)
+    timeout = _positive("--timeout", args.timeout) or (DIST_TIMEOUT_S if distributed else DEFAULT_TIMEOUT_S)
     workers = _positive("--workers", args.workers, int, 64)
+    nproc = _nproc(args) if distributed else None
     from checks.cli import check_writable
 
     for flag in ("json", "junit", "prom"):
@@ -105,13 +133,16 @@ def run(argv: list[str]) -> int:
         return EXIT_HEALTHY
     try:
         spec = parse_model_spec(args.model, stack.data.get("model"), allow_download=args.allow_download)
-        names = expand(args.methods, defaults)
+        names = [] if distributed else expand(args.methods, defaults)
     except (ModelSpecError, MethodError) as exc:
         raise UsageError(str(exc)) from None
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    if spec.missing():
+    if distributed:
+        gpus = int(stack.expectations().get("gpus", 0))
+        results = _run_distributed(args, gpus, spec, steps, timeout, nproc)
+    elif spec.missing():
         results = [Result.from_verdict(CHECK_NAME, GROUP, missing_model_verdict(spec), 0.0)]
     else:
         done = {"n": 0}
@@ -142,10 +173,44 @@ def run(argv: list[str]) -> int:
                "from_manifest": from_manifest},
         started_at=started, finished_at=finished, title=PROG,
         options={"model": spec.name, "methods": names, "steps": steps, "timeout_s": timeout, "workers": workers,
+                 "distributed": args.distributed, "deepspeed": args.deepspeed, "nproc": nproc,
                  "allow_download": args.allow_download, "wall_s": round(time.monotonic() - t0, 3)},
     )
     write_reports(report, argparse.Namespace(json=args.json, junit=args.junit, prom=args.prom))
     return report.exit_code
+
+
+def _nproc(args) -> int | None:
+    minimum = 2 if args.distributed else 1
+    try:
+        if args.nproc is not None:
+            return requested_nproc({"nproc": args.nproc}, minimum)
+        return requested_nproc({}, minimum)
+    except SettingsError as exc:
+        flag = "--nproc" if args.nproc is not None else NPROC_ENV
+        raise UsageError(f"{flag}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def _run_distributed(args, gpus: int, spec, steps: int, timeout: float, nproc: int | None) -> list[Result]:
+    """The --distributed / --deepspeed checks, in that order, as report lines."""
+    results: list[Result] = []
+    runs = ((args.distributed, DDP_CHECK, ddp_verdicts), (args.deepspeed, ZERO_CHECK, zero_verdicts))
+    for wanted, name, body in runs:
+        if not wanted:
+            continue
+        t0 = time.monotonic()
+        if not args.no_progress:
+            print(f"{name}: running ({spec.name}, {steps} steps) ...", file=sys.stderr, flush=True)
+        try:
+            verdicts = body(gpus, spec, steps=steps, timeout_s=timeout, nproc=nproc, preflight=preflight)
+        except SettingsError as exc:
+            raise UsageError(str(exc)) from None
+        wall = time.monotonic() - t0
+        for v in verdicts:
+            results.append(Result.from_verdict(name, GROUP, v, wall))
+            if not args.no_progress:
+                print(f"  {v.subject or name}: {v.status.label} ({wall:.2f} s)", file=sys.stderr, flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
