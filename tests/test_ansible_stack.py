@@ -9,7 +9,6 @@ object per line when ANSIBLE_CALLBACK_RESULT_FORMAT=json and ANSIBLE_CALLBACK_FO
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from checks.stack import StackError, load_stack  # noqa: E402
+from tests.helpers.ansible_env import ansible_env  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
@@ -37,27 +37,6 @@ pytestmark = pytest.mark.skipif(
 # (a plain "ok: [localhost]") carry nothing to check and are recorded with an empty result.
 RESULT_LINE = re.compile(r"^(ok|changed|fatal|failed|skipping): \[([^\]]+)\](?:: FAILED!)?(?: => (\{.*\}))?\s*$")
 TASK_LINE = re.compile(r"^TASK \[(.*)\] \**\s*$")
-
-
-def ansible_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    # Start from the caller's environment without any ANSIBLE_* or PEFTNODE_STACKS setting, so the
-    # user's own configuration cannot change what these runs see.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_") and k != "PEFTNODE_STACKS"}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
-        ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote"),
-        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
-        ANSIBLE_CALLBACK_FORMAT_PRETTY="false",
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    env.update(extra)
-    return env
 
 
 def run(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:

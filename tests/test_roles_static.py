@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers.ansible_env import ansible_env as shared_ansible_env
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = REPO / "roles"
@@ -53,22 +54,8 @@ RECAP_LINE = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+
 
 
 def ansible_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_") and k != "PEFTNODE_STACKS"}
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env.update(
-        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
-        HOME=str(home),
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
-        ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote"),
-        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
-        ANSIBLE_CALLBACK_FORMAT_PRETTY="false",
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_PIPELINING="True",  # local connection: no module files to copy around, much faster
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    return env
+    # local connection: pipelining copies no module files around, much faster
+    return shared_ansible_env(tmp_path, ANSIBLE_PIPELINING="True")
 
 
 def playbook(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess:

@@ -1,0 +1,32 @@
+"""The environment every test that runs ansible or ansible-playbook uses."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+BIN = Path(sys.executable).parent
+
+
+def ansible_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The caller's environment without any ANSIBLE_* or PEFTNODE_STACKS setting (the user's own
+    configuration must not change what a test sees), the repository's ansible.cfg, a private HOME
+    and temp dirs under tmp_path, one JSON line per task result, and this venv's tools first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_") and k != "PEFTNODE_STACKS"}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env.update(
+        ANSIBLE_CONFIG=str(REPO / "ansible.cfg"),
+        HOME=str(home),
+        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
+        ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote"),
+        ANSIBLE_CALLBACK_RESULT_FORMAT="json",
+        ANSIBLE_CALLBACK_FORMAT_PRETTY="false",
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.update(extra)
+    return env
