@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from checks.stack import StackError, load_stack  # noqa: E402
-from tests.helpers.ansible_env import ansible_env  # noqa: E402
+from tests.helpers.ansible_env import ansible_env, results  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ANSIBLE_PLAYBOOK = BIN / "ansible-playbook"
@@ -35,8 +35,6 @@ pytestmark = pytest.mark.skipif(
 
 # "ok: [localhost] => {...}" / "fatal: [localhost]: FAILED! => {...}"; results without "=> {...}"
 # (a plain "ok: [localhost]") carry nothing to check and are recorded with an empty result.
-RESULT_LINE = re.compile(r"^(ok|changed|fatal|failed|skipping): \[([^\]]+)\](?:: FAILED!)?(?: => (\{.*\}))?\s*$")
-TASK_LINE = re.compile(r"^TASK \[(.*)\] \**\s*$")
 
 
 def run(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -52,24 +50,6 @@ def run(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProc
 
 def playbook(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return run(tmp_path, [ANSIBLE_PLAYBOOK, *args], **env)
-
-
-def results(stdout: str) -> list[dict]:
-    """Task results in order: {"task", "status", "host", "result"}."""
-    task, found = None, []
-    for line in stdout.splitlines():
-        if m := TASK_LINE.match(line):
-            task = m.group(1)
-        elif m := RESULT_LINE.match(line):
-            found.append(
-                {
-                    "task": task,
-                    "status": m.group(1),
-                    "host": m.group(2),
-                    "result": json.loads(m.group(3)) if m.group(3) else {},
-                }
-            )
-    return found
 
 
 def result_of(stdout: str, task: str) -> dict:

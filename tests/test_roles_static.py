@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.helpers.ansible_env import ansible_env as shared_ansible_env
+from tests.helpers.ansible_env import results  # noqa: F401  (test_roles_local imports it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = REPO / "roles"
@@ -45,8 +46,6 @@ PASSWORD_HASH = (
 )
 
 # "ok: [host] => {...}", "fatal: [host]: FAILED! => {...}", "failed: [host] (item=x) => {...}", "ok: [host] => (item=x)"
-RESULT_LINE = re.compile(r"^(ok|changed|fatal|failed|skipping): \[([^\]]+)\](.*)$")
-TASK_LINE = re.compile(r"^TASK \[(.*)\] \**\s*$")
 RECAP_LINE = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
 
 
@@ -67,22 +66,6 @@ def playbook(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
-
-
-def results(stdout: str) -> list[dict]:
-    """Task results in order: {"task", "status", "host", "item", "result"}; a loop gives one per item."""
-    task, found = None, []
-    for line in stdout.splitlines():
-        if m := TASK_LINE.match(line):
-            task = m.group(1)
-        elif m := RESULT_LINE.match(line):
-            rest = m.group(3)
-            cut = rest.find(" => {")
-            item = re.search(r"\(item=(.*?)\)", rest if cut < 0 else rest[:cut])
-            found.append({"task": task, "status": m.group(1), "host": m.group(2),
-                          "item": item.group(1) if item else None,
-                          "result": json.loads(rest[cut + 4:]) if cut >= 0 else {}})
-    return found
 
 
 def recap(stdout: str) -> dict[str, dict[str, int]]:

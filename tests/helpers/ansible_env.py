@@ -1,8 +1,10 @@
-"""The environment every test that runs ansible or ansible-playbook uses."""
+"""How the tests run ansible / ansible-playbook (the environment) and read what it printed."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -30,3 +32,24 @@ def ansible_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+# With ANSIBLE_CALLBACK_RESULT_FORMAT=json the default callback prints one line per task result.
+RESULT_LINE = re.compile(r"^(ok|changed|fatal|failed|skipping): \[([^\]]+)\](.*)$")
+TASK_LINE = re.compile(r"^TASK \[(.*)\] \**\s*$")
+
+
+def results(stdout: str) -> list[dict]:
+    """Task results in order: {"task", "status", "host", "item", "result"}; a loop gives one per item."""
+    task, found = None, []
+    for line in stdout.splitlines():
+        if m := TASK_LINE.match(line):
+            task = m.group(1)
+        elif m := RESULT_LINE.match(line):
+            rest = m.group(3)
+            cut = rest.find(" => {")
+            item = re.search(r"\(item=(.*?)\)", rest if cut < 0 else rest[:cut])
+            found.append({"task": task, "status": m.group(1), "host": m.group(2),
+                          "item": item.group(1) if item else None,
+                          "result": json.loads(rest[cut + 4:]) if cut >= 0 else {}})
+    return found
