@@ -186,6 +186,13 @@ NODE_FIELDS: dict[str, Check] = {
     }),
 }
 
+# NVIDIA's per-component CUDA archives: the redistrib_<version>.json manifest (itself an artifact,
+# sha256-verified) names every component's archive with its sha256; the cuda role's redist method
+# installs the components listed here.
+CUDA_REDIST = Map(
+    {"manifest": ARTIFACT, "components": List(Str(r"[a-z0-9_]+", "a component name like cuda_cudart"), 1, unique=True)},
+)
+
 STACK_SCHEMA = Map(
     {
         "schema": Int(SCHEMA_VERSION, SCHEMA_VERSION),
@@ -194,15 +201,23 @@ STACK_SCHEMA = Map(
         "openssl": _component(r"\d+\.\d+\.\d+[a-z]?", "an OpenSSL version like 1.1.1t or 3.0.13"),
         "python": _component(r"3\.\d+\.\d+", "a full Python version like 3.10.12"),
         "nvidia_driver": _component(r"\d{3}\.\d+(\.\d+)?", "a driver version like 515.65.01"),
-        "cuda": _component(r"\d+\.\d+\.\d+", "a full CUDA version like 11.7.1"),
+        "cuda": _component(r"\d+\.\d+\.\d+", "a full CUDA version like 11.7.1", redist=CUDA_REDIST),
         "nccl": _component(
             r"\d+\.\d+\.\d+", "an NCCL version like 2.14.3",
             package=Str(r"\d+\.\d+\.\d+-\d+\+cuda\d+\.\d+", "an NCCL package version like 2.14.3-1+cuda11.7"),
         ),
-        "cudnn": _component(r"\d+\.\d+\.\d+\.\d+", "a cuDNN version like 8.8.1.3"),
+        "cudnn": _component(
+            r"\d+\.\d+\.\d+\.\d+", "a cuDNN version like 8.8.1.3",
+            package=Str(r"\d+\.\d+\.\d+\.\d+-\d+\.cuda\d+\.\d+",
+                        "a cuDNN package version like 8.8.1.3-1.cuda11.8"),
+        ),
         "venv": Map(
             {"name": Str(r"[A-Za-z0-9_.-]+", "a directory name"), "requirements": List(_requirement, 1)},
-            {"path": ABS_PATH, "extra_index_url": Nullable(Str(r"(https?|file)://\S+", "a URL"))},
+            {"path": ABS_PATH,
+             # where +cuXYZ builds (torch==1.13.1+cu117) come from: PyTorch's own index for that CUDA
+             # (index_url replaces the default index, extra_index_url adds to it)
+             "index_url": Nullable(Str(r"(https?|file)://\S+", "a URL")),
+             "extra_index_url": Nullable(Str(r"(https?|file)://\S+", "a URL"))},
         ),
         "jupyterlab": Map(
             {"enabled": Bool(), "port": Int(1, 65535)},
@@ -217,11 +232,86 @@ STACK_SCHEMA = Map(
         ),
         "finetune": Map({"methods": List(Str(r"[a-z0-9_]+", "a method name"), 1, unique=True)}),
         "node": Map({"gpus": NODE_FIELDS["gpus"]}, {k: v for k, v in NODE_FIELDS.items() if k != "gpus"}),
-    }
+    },
+    {
+        # NVSwitch systems (HGX): fabric manager of exactly the driver's version. Optional: without
+        # it the fabricmanager role installs the repository package of the driver's version.
+        "fabricmanager": Map({"version": Str(r"\d{3}\.\d+(\.\d+)?", "a driver version like 515.65.01")},
+                             {"artifact": ARTIFACT}),
+        # DCGM (dcgmi diag for gpu.dcgm_diag): a repository package version, optionally an artifact.
+        "dcgm": Map({"version": Str(r"\d+\.\d+\.\d+", "a DCGM version like 3.3.9")}, {"artifact": ARTIFACT}),
+        # nccl-tests, built from this source archive against the stack's CUDA and NCCL.
+        "nccl_tests": Map({"version": Str(r"\d+\.\d+\.\d+", "an nccl-tests version like 2.13.9"),
+                           "artifact": ARTIFACT}),
+    },
 )
 
+# The oldest driver each CUDA major runs on through minor-version compatibility: below it nothing
+# built with that CUDA can run at all (docs.nvidia.com/deploy/cuda-compatibility,
+# "minor-version-compatibility"). 12.x: 525.60.13 (the 12.0 release notes' figure).
+CUDA_MINOR_COMPAT_DRIVER = {11: "450.80.02", 12: "525.60.13"}
+# The driver each toolkit release was built with (CUDA release notes, Table 3): below it, but above
+# the minor-compatibility floor, the toolkit runs with minor-version compatibility only (PTX JIT of
+# newer PTX and a few APIs fail). Keyed by (major, minor, update); a release missing here is judged
+# by the floor alone.
+CUDA_TOOLKIT_DRIVER = {
+    (11, 7, 0): "515.43.04",
+    (11, 7, 1): "515.48.07",
+    (11, 8, 0): "520.61.05",
+    (12, 1, 1): "530.30.02",
+    (12, 4, 0): "550.54.14",
+    (12, 4, 1): "550.54.15",
+}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text))
+
+
+def _built_for_cuda(text: str) -> int | None:
+    """The CUDA major an NVIDIA package or archive name says it was built for ('+cuda11.7', '_cuda11-')."""
+    m = re.search(r"cuda(\d+)", text or "")
+    return int(m.group(1)) if m else None
+
+
+def compatibility(data: dict) -> tuple[list[str], list[str]]:
+    """Combinations of the stack's NVIDIA pieces that cannot work (problems) or work only partly
+    (warnings): the driver against CUDA's floors, NCCL and cuDNN built for another CUDA major, a
+    fabric manager that is not the driver's version."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    cuda_text = str(data["cuda"]["version"])
+    cuda = _version_tuple(cuda_text)
+    driver_text = str(data["nvidia_driver"]["version"])
+    driver = _version_tuple(driver_text)
+    floor = CUDA_MINOR_COMPAT_DRIVER.get(cuda[0])
+    own = CUDA_TOOLKIT_DRIVER.get(tuple((cuda + (0, 0, 0))[:3]))
+    if floor and driver < _version_tuple(floor):
+        problems.append(
+            f"nvidia_driver.version: driver {driver_text} is below {floor}, the oldest driver CUDA "
+            f"{cuda[0]}.x runs on (minor-version compatibility); CUDA {cuda_text} cannot run on it")
+    elif own and driver < _version_tuple(own):
+        warnings.append(
+            f"nvidia_driver.version: driver {driver_text} is below {own}, the driver CUDA {cuda_text} was "
+            f"released with: it runs under minor-version compatibility only (no PTX JIT of newer PTX)")
+    for key, text in (("nccl.package", data["nccl"].get("package")),
+                      ("nccl.artifact.file", data["nccl"]["artifact"]["file"]),
+                      ("cudnn.package", data["cudnn"].get("package")),
+                      ("cudnn.artifact.file", data["cudnn"]["artifact"]["file"])):
+        built = _built_for_cuda(text)
+        if built is not None and built != cuda[0]:
+            problems.append(f"{key}: {text!r} is built for CUDA {built}, but cuda.version is {cuda_text}")
+    fm = data.get("fabricmanager")
+    if fm and str(fm["version"]) != driver_text:
+        problems.append(
+            f"fabricmanager.version: {fm['version']} is not the driver's version {driver_text}; fabric manager "
+            f"refuses to start unless both are the same")
+    return problems, warnings
+
+
 def _cross_checks(data: dict, problems: list[str]) -> None:
-    """Rules that tie keys together: a torch build for CUDA X.Y needs the stack's CUDA to be X.Y."""
+    """Rules that tie keys together: a torch build for CUDA X.Y needs the stack's CUDA to be X.Y;
+    the NVIDIA pieces must be able to work together (compatibility())."""
     cuda = str(data["cuda"]["version"]).split(".")
     tag = f"cu{cuda[0]}{cuda[1]}" if len(cuda) >= 2 else None
     for i, text in enumerate(data["venv"]["requirements"]):
@@ -236,6 +326,25 @@ def _cross_checks(data: dict, problems: list[str]) -> None:
     pkg = data["nccl"].get("package")
     if pkg and not pkg.startswith(data["nccl"]["version"] + "-"):
         problems.append(f"nccl.package: {pkg!r} does not match nccl.version {data['nccl']['version']!r}")
+    pkg = data["cudnn"].get("package")
+    if pkg and not pkg.startswith(data["cudnn"]["version"] + "-"):
+        problems.append(f"cudnn.package: {pkg!r} does not match cudnn.version {data['cudnn']['version']!r}")
+    problems.extend(compatibility(data)[0])
+
+
+def local_version_requirements(data: dict) -> list[str]:
+    """The venv requirements pinned to a +local build (torch==1.13.1+cu117): the default package
+    index never serves those, so a wheelhouse or venv.index_url / extra_index_url must."""
+    out = []
+    for text in data["venv"]["requirements"]:
+        if any("+" in spec.version for spec in Requirement(text).specifier):
+            out.append(text)
+    return out
+
+
+def stack_warnings(data: dict) -> list[str]:
+    """What a valid stack still deserves a warning for."""
+    return compatibility(data)[1]
 
 
 def validate_stack(data: Any, source: str = "<stack>") -> dict:
@@ -302,6 +411,7 @@ class Stack:
     data: dict
     source: str
     node: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -317,7 +427,8 @@ class Stack:
 def load_stack(name_or_path: str) -> Stack:
     path = resolve_stack(name_or_path)
     data = _read_yaml(path)
-    return Stack(validate_stack(data, str(path)), str(path))
+    data = validate_stack(data, str(path))
+    return Stack(data, str(path), warnings=[f"{path}: {w}" for w in stack_warnings(data)])
 
 
 NODE_OVERRIDES = Map({}, NODE_FIELDS)

@@ -123,5 +123,7 @@ class LookupModule(LookupBase):
                     f"peftnode_stack: cannot use stack {raw!r}:\n" + "\n".join(exc.problems)
                 ) from None
             display.vvv(f"peftnode_stack: {loaded.name} from {loaded.source}")
+            for warning in getattr(loaded, "warnings", []):
+                display.warning(f"peftnode_stack: {warning}")
             results.append(loaded.data)
         return results

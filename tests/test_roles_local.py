@@ -157,12 +157,12 @@ def test_site_converges_then_changes_nothing(converge):
     first = run()
     assert first.returncode == 0, explain(first)
     done = changed_tasks(first.stdout)
-    assert "venv : Create the virtualenv local-venv" in done
-    assert "venv : Install the stack's requirements and peftnode with pip" in done
-    assert "node_verify : Write the node manifest" in done
-    assert done.count("artifact : Copy the artifact to the node") == 2  # the two model files
+    assert "peftnode_venv : Create the virtualenv local-venv" in done
+    assert "peftnode_venv : Install the stack's requirements and peftnode with pip" in done
+    assert "peftnode_node_verify : Write the node manifest" in done
+    assert done.count("peftnode_artifact : Copy the artifact to the node") == 2  # the two model files
     assert not any("Report the build check mode skips" in t or "Compile" in t for t in done)  # nothing built
-    proof = [r for r in results(first.stdout) if r["task"].startswith("python : Check the Python imports")]
+    proof = [r for r in results(first.stdout) if r["task"].startswith("peftnode_python : Check the Python imports")]
     assert proof[0]["status"] == "ok" and f"OpenSSL {OPENSSL_VERSION}" in proof[0]["result"]["msg"]
 
     # what the roles left behind
@@ -199,7 +199,7 @@ def test_a_damaged_model_file_is_put_back_and_a_changed_expectation_rewrites_the
     damaged.write_bytes(b"truncated")
     again = run("--tags", "model,node_verify", "-e", '{"peftnode_node_expectations": {"gpus": 2}}')
     assert again.returncode == 0, explain(again)
-    assert changed_tasks(again.stdout) == ["artifact : Copy the artifact to the node",
-                                           "node_verify : Write the node manifest"]
+    assert changed_tasks(again.stdout) == ["peftnode_artifact : Copy the artifact to the node",
+                                           "peftnode_node_verify : Write the node manifest"]
     assert sha256(damaged) == stack["model"]["files"][1]["sha256"]
     assert load_manifest(node / "etc" / "manifest.yml").node == {"gpus": 2}

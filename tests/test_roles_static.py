@@ -169,7 +169,7 @@ def role_tasks_ran(stdout: str) -> list[str]:
 def preflight_problems(proc: subprocess.CompletedProcess) -> list[str]:
     failed = [r for r in results(proc.stdout) if r["status"] == "fatal"]
     assert len(failed) == 1, explain(proc)
-    assert failed[0]["task"] == "preflight : Fail with every problem found, before anything is changed", failed
+    assert failed[0]["task"] == "peftnode_preflight : Fail with every problem found, before anything is changed", failed
     lines = failed[0]["result"]["msg"].splitlines()
     assert re.fullmatch(r"peftnode preflight: \d+ problem\(s\); nothing was changed:", lines[0]), lines[0]
     assert lines[0].split()[2] == str(len(lines) - 1), lines
@@ -363,7 +363,7 @@ def test_site_refuses_a_bad_variable_in_preflight_before_any_role_runs(tmp_path,
     assert proc.returncode != 0, explain(proc)
     failed = [r for r in results(proc.stdout) if r["status"] in ("fatal", "failed")]
     assert {r["task"] for r in failed} == {
-        "preflight : Check the variables of every role this run applies against its argument specs"}, failed
+        "peftnode_preflight : Check the variables of every role this run applies against its argument specs"}, failed
     errors = [e for r in failed for e in r["result"].get("argument_errors", [])]
     assert any(re.match(message, e) for e in errors), errors
     assert role_tasks_ran(proc.stdout) == []
@@ -474,7 +474,7 @@ def test_preflight_excuses_a_missing_artifact_of_an_installed_component_but_not_
 
     fine = site_check(tmp_path, variables, "--tags", "python")
     assert fine.returncode == 0, explain(fine)
-    shown = [r for r in results(fine.stdout) if r["task"] == "preflight : Show where each artifact will come from"]
+    shown = [r for r in results(fine.stdout) if r["task"] == "peftnode_preflight : Show where each artifact will come from"]
     assert shown[0]["result"]["msg"] == [
         f"python: {python_tarball.name}: not needed, the node has python {platform.python_version()} already"]
 
@@ -506,20 +506,20 @@ def test_site_check_and_diff_mode_run_through_without_changing_or_printing_secre
     seen = results(proc.stdout)
     by_task = {r["task"]: r for r in seen}
     # check mode reports the builds it cannot do, and every role got its turn
-    assert by_task["openssl : Report the build check mode skips"]["status"] == "changed"
-    assert by_task["python : Report the build check mode skips"]["status"] == "changed"
-    assert by_task["artifact : Copy the artifact to the node"]["status"] == "changed"
-    assert by_task["jupyterlab : Install the systemd unit jupyterlab"]["status"] == "changed"
-    assert by_task["node_verify : Write the node manifest"]["status"] == "changed"
+    assert by_task["peftnode_openssl : Report the build check mode skips"]["status"] == "changed"
+    assert by_task["peftnode_python : Report the build check mode skips"]["status"] == "changed"
+    assert by_task["peftnode_artifact : Copy the artifact to the node"]["status"] == "changed"
+    assert by_task["peftnode_jupyterlab : Install the systemd unit jupyterlab"]["status"] == "changed"
+    assert by_task["peftnode_node_verify : Write the node manifest"]["status"] == "changed"
     for role in SITE_ROLES:
         assert any(r["task"].startswith(f"{role} : ") for r in seen if r["task"]), f"{role} did not run"
     # diff mode shows the manifest that would be written, and never the JupyterLab configuration
-    written = yaml.safe_load(diff_after(proc.stdout, "node_verify : Write the node manifest"))
+    written = yaml.safe_load(diff_after(proc.stdout, "peftnode_node_verify : Write the node manifest"))
     assert written["schema"] == 1 and written["stack"] == load(stack) and written["node"] == {"gpus": 0}
     assert written["host"] == "localhost" and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", written["written_at"])
-    config = by_task["jupyterlab : Write the JupyterLab server configuration"]
+    config = by_task["peftnode_jupyterlab : Write the JupyterLab server configuration"]
     assert config["status"] == "changed" and set(config["result"]) <= {"censored", "changed"}
-    assert diff_after(proc.stdout, "jupyterlab : Write the JupyterLab server configuration").strip() == ""
+    assert diff_after(proc.stdout, "peftnode_jupyterlab : Write the JupyterLab server configuration").strip() == ""
     assert "PasswordIdentityProvider" not in out
     # ... and nothing on the "node" side exists
     assert not (tmp_path / "node").exists()
