@@ -6,7 +6,8 @@ watchdog) checks the reduced values (rank r sends r+1, every element must come b
 measures one large all-reduce the way nccl-tests does: ``algbw = bytes / seconds`` and
 ``busbw = algbw x 2(n-1)/n``. One size, not a sweep: nccl-tests' "Avg bus bandwidth" averages every
 size of a sweep and reads far below the large-message figure. ``nccl-tests``: ``all_reduce_perf``
-(NVIDIA/nccl-tests) at the same size and rank count when it is on PATH (a skip when not), judged
+(NVIDIA/nccl-tests) at the same size and rank count when it is on PATH or where the nccl_tests role
+installs it (``/usr/local/nccl-tests/bin``; a skip when neither), judged
 with the torch busbw of the same call beside its own. The preconditions (0 or 1 GPU expected, no
 CUDA, fewer than 2 devices) are one verdict; without CUDA but with ``all_reduce_perf`` on PATH,
 all_reduce_perf runs anyway to say what is wrong in its own words.
@@ -540,7 +541,21 @@ def nccl_tests_verdict(ctx: Context, binary: str, gpus: int, nbytes: int, torch_
     return verdict
 
 
+# Where the nccl_tests role installs nccl-tests: a stable link to /usr/local/nccl-tests-<version>
+# (roles/peftnode_nccl_tests, peftnode_nccl_tests_link). Looked in after PATH.
+NCCL_TESTS_DIRS: tuple[str, ...] = ("/usr/local/nccl-tests/bin",)
+
 NO_NCCL_TESTS = "all_reduce_perf (NVIDIA nccl-tests) is not on PATH; the torch figure stands alone"
+
+
+def find_all_reduce_perf(dirs: tuple[str, ...] | None = None) -> str | None:
+    """``all_reduce_perf`` on PATH, else in the nccl_tests role's directories (NCCL_TESTS_DIRS)."""
+    found = shutil.which("all_reduce_perf")
+    for directory in (NCCL_TESTS_DIRS if dirs is None else dirs):
+        if found:
+            break
+        found = shutil.which("all_reduce_perf", path=directory)
+    return found
 
 
 @check("nccl.allreduce", "NCCL all-reduce across the node's GPUs: torch.distributed (right sums, bus bandwidth) "
@@ -552,7 +567,7 @@ def nccl_allreduce(ctx: Context) -> Verdict | list[Verdict]:
     if skip:
         return skip
     gpus = int(ctx.node["gpus"])
-    binary = shutil.which("all_reduce_perf")
+    binary = find_all_reduce_perf()
     nbytes = measurement_bytes(ctx.node, ctx.quick)
     usable, count, reason = cuda_status()
     if not usable:
