@@ -109,7 +109,8 @@ def test_runfile_argv_is_silent_dkms_no_questions_then_extra():
     assert nv.nvidia_runfile_argv("/r.run", ["--no-opengl-files"])[-1] == "--no-opengl-files"
 
 
-PROC_515 = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  515.65.01  Wed Jul 20 14:00:58 UTC 2022\nGCC version: 4.8.5\n"
+PROC_515 = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  515.65.01  Wed Jul 20 14:00:58 UTC 2022\n"
+            "GCC version: 4.8.5\n")
 PROC_550_OPEN = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build  (dvs-builder@U16)\n"
 
 
@@ -144,7 +145,8 @@ def test_driver_state():
 def test_reboot_decision():
     loaded = {"loaded": "515.65.01", "installed": "515.65.01", "current": True}
     quiet = nv.nvidia_reboot_decision("515.65.01", loaded, False, True, "ssh")
-    assert quiet == {"pending": False, "reboot": False, "message": "NVIDIA driver 515.65.01 is loaded; no reboot needed"}
+    assert quiet == {"pending": False, "reboot": False,
+                     "message": "NVIDIA driver 515.65.01 is loaded; no reboot needed"}
     changed = nv.nvidia_reboot_decision("515.65.01", loaded, True, True, "ssh")
     assert changed["reboot"] is True and changed["pending"] is True
     # not allowed: a message, no reboot

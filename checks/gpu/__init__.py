@@ -1,3 +1,3 @@
 """GPU checks: thin NVML/driver/kernel-log probes and pure judges."""
 
-from checks.gpu import driver, health  # noqa: F401  (registers the checks)
+from checks.gpu import driver, fabricmanager, health  # noqa: F401  (registers the checks)
