@@ -37,7 +37,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 # The roles site.yml applies, in order, and the shared artifact role.
-SITE_ROLES = ["base", "openssl", "python", "venv", "jupyterlab", "model", "node_verify"]
+def _site_roles() -> list[str]:
+    """The roles site.yml's second play applies, in order (read from site.yml itself)."""
+    plays = yaml.safe_load((REPO / "site.yml").read_text(encoding="utf-8"))
+    return [entry["role"] for entry in plays[1]["roles"]]
+
+
+SITE_ROLES = _site_roles()
+# the shared settings, the artifact path and the preflight: used by the others, not listed in site.yml's roles
+HELPER_ROLES = ["peftnode", "peftnode_artifact", "peftnode_preflight"]
 ALL_ROLES = sorted(p.name for p in ROLES.iterdir() if (p / "tasks" / "main.yml").is_file())
 
 # A real jupyter_server password hash (of "not-the-password"); what matters is that it never shows up.
@@ -138,6 +146,8 @@ def node_vars(tmp_path: Path, **extra) -> Path:
         "peftnode_jupyter_home": str(tmp_path / "node" / "jupyter"),
         "peftnode_jupyter_config_dir": str(tmp_path / "node" / "etc" / "jupyter"),
         "peftnode_manifest_path": str(tmp_path / "node" / "etc" / "manifest.yml"),
+        # the NVIDIA roles have tests of their own
+        "peftnode_gpu": False,
         **extra,
     }
     return write_yaml(tmp_path / "vars.yml", data)
@@ -160,9 +170,11 @@ def diff_after(stdout: str, task: str) -> str:
 
 
 def role_tasks_ran(stdout: str) -> list[str]:
-    """Tasks of the provisioning roles that ran (their argument checks aside)."""
-    return [r["task"] for r in results(stdout)
-            if r["task"] and r["task"].split(" : ")[0] in SITE_ROLES + ["artifact"]
+    """Tasks of the provisioning roles that ran in site.yml's second play (their argument checks
+    aside; the roles' read-only preflight tasks run in the first play)."""
+    provision = stdout.split("PLAY [Provision the node]", 1)
+    return [r["task"] for r in results(provision[1] if len(provision) > 1 else "")
+            if r["task"] and r["task"].split(" : ")[0] in SITE_ROLES + ["peftnode_artifact"]
             and "Validating arguments" not in r["task"] and r["status"] != "skipping"]
 
 
@@ -197,10 +209,19 @@ def task_files(role: str) -> list[Path]:
 
 
 def test_site_roles_all_exist_with_their_files():
-    assert set(SITE_ROLES + ["artifact", "preflight"]) == set(ALL_ROLES)
+    assert set(SITE_ROLES + HELPER_ROLES) == set(ALL_ROLES)
     for role in ALL_ROLES:
+        assert role == "peftnode" or role.startswith("peftnode_"), f"roles/{role}: not prefixed, it would clash"
         for part in ("defaults/main.yml", "meta/main.yml", "meta/argument_specs.yml", "tasks/main.yml"):
             assert (ROLES / role / part).is_file(), f"roles/{role}/{part} is missing"
+    for role in SITE_ROLES:
+        assert (ROLES / role / "tasks" / "preflight.yml").is_file(), f"roles/{role} has no tasks/preflight.yml"
+
+
+@pytest.mark.parametrize("role", [r for r in ALL_ROLES if r != "peftnode"])
+def test_every_role_depends_on_the_shared_settings(role):
+    deps = load(ROLES / role / "meta" / "main.yml").get("dependencies") or []
+    assert {"role": "peftnode"} in deps or "peftnode" in deps, f"roles/{role}/meta/main.yml: no dependency on peftnode"
 
 
 @pytest.mark.parametrize("role", ALL_ROLES)
@@ -218,30 +239,26 @@ def test_every_default_is_commented(role):
         assert documented.get(name), f"roles/{role}/defaults/main.yml: {name} has no comment above it in any role"
 
 
-@pytest.mark.parametrize("role", [r for r in ALL_ROLES if r != "preflight"])
+@pytest.mark.parametrize("role", [r for r in ALL_ROLES if r != "peftnode_preflight"])
 def test_argument_specs_cover_exactly_the_defaults(role):
     options = spec_options(role)
     required = {k for k, v in options.items() if v.get("required")}
     assert set(defaults(role)) <= set(options), f"{role}: defaults without a spec: {set(defaults(role)) - set(options)}"
     assert set(options) - required <= set(defaults(role)), (
         f"{role}: spec options without a default: {set(options) - required - set(defaults(role))}")
-    assert "peftnode_stack" in required or role == "artifact"
+    assert "peftnode_stack" in required or role in ("peftnode_artifact", "peftnode")
 
 
-def test_preflight_defaults_repeat_other_roles_options():
-    others = set().union(*(spec_options(r) for r in ALL_ROLES if r != "preflight"))
-    repeated = {k for k in defaults("preflight") if not k.startswith("preflight_")}
-    assert repeated <= others, repeated - others
-
-
-def test_shared_defaults_have_the_same_value_in_every_role():
-    seen: dict[str, tuple[str, object]] = {}
+def test_every_variable_has_one_owner():
+    """A variable is defined in one role's defaults only: the shared ones in roles/peftnode."""
+    owners: dict[str, list[str]] = {}
     for role in ALL_ROLES:
-        for name, value in defaults(role).items():
-            if name in seen:
-                assert value == seen[name][1], f"{name}: {seen[name][0]} says {seen[name][1]!r}, {role} says {value!r}"
-            else:
-                seen[name] = (role, value)
+        for name in defaults(role):
+            owners.setdefault(name, []).append(role)
+    repeated = {name: roles for name, roles in owners.items() if len(roles) > 1}
+    assert not repeated, repeated
+    shared = set(defaults("peftnode"))
+    assert {"peftnode_offline", "peftnode_cache_dir", "peftnode_openssl_prefix", "peftnode_venv_path"} <= shared
 
 
 def walk_tasks(items):
@@ -275,22 +292,22 @@ def test_every_task_that_touches_the_password_hash_has_no_log():
                     touching.append(f"{path.relative_to(REPO)}: {task.get('name')}")
                     assert task.get("no_log") is True, f"{touching[-1]} lacks no_log: true"
     assert touching, "no task reads peftnode_jupyter_password_hash at all"
-    spec = spec_options("jupyterlab")["peftnode_jupyter_password_hash"]
+    spec = spec_options("peftnode_jupyterlab")["peftnode_jupyter_password_hash"]
     assert spec.get("no_log") is True
 
 
 def test_jupyterlab_unit_and_config_are_safe_by_default():
-    unit = (ROLES / "jupyterlab" / "templates" / "jupyterlab.service.j2").read_text(encoding="utf-8")
+    unit = (ROLES / "peftnode_jupyterlab" / "templates" / "jupyterlab.service.j2").read_text(encoding="utf-8")
     for line in ("Restart=on-failure", "NoNewPrivileges=true", "ProtectSystem=full",
                  "User={{ peftnode_jupyter_user }}"):
         assert line in unit
     assert "allow-root" not in unit and "nohup" not in unit
-    config = (ROLES / "jupyterlab" / "templates" / "jupyter_server_config.py.j2").read_text(encoding="utf-8")
+    config = (ROLES / "peftnode_jupyterlab" / "templates" / "jupyter_server_config.py.j2").read_text(encoding="utf-8")
     assert 'c.IdentityProvider.token = ""' in config
     assert "c.ServerApp.allow_root = False" in config
     assert "c.PasswordIdentityProvider.password_required = True" in config
-    assert (ROLES / "jupyterlab" / "vars" / "main.yml").read_text().count("jupyterlab_unit: jupyterlab") == 1
-    assert load(ROLES / "jupyterlab" / "defaults" / "main.yml")["peftnode_jupyter_allow_origin"] is None
+    assert (ROLES / "peftnode_jupyterlab" / "vars" / "main.yml").read_text().count("jupyterlab_unit: jupyterlab") == 1
+    assert load(ROLES / "peftnode_jupyterlab" / "defaults" / "main.yml")["peftnode_jupyter_allow_origin"] is None
 
 
 # --- argument specs refuse bad variables before any change ---------------------------------------
@@ -302,19 +319,22 @@ def unconvertible(name: str, kind: str) -> str:
 
 
 BAD_VARIABLES = {
-    "base": ({"peftnode_install_packages": "perhaps"}, unconvertible("peftnode_install_packages", "bool")),
-    "openssl": ({"peftnode_build_jobs": "many"}, unconvertible("peftnode_build_jobs", "int")),
-    "python": ({"peftnode_python_enable_optimizations": "sometimes"},
-               unconvertible("peftnode_python_enable_optimizations", "bool")),
-    "venv": ({"peftnode_pip_require_hashes": "yes please"}, unconvertible("peftnode_pip_require_hashes", "bool")),
-    "jupyterlab": ({"peftnode_jupyter_log_level": "LOUD"},
-                   r"value of peftnode_jupyter_log_level must be one of: "
-                   r"DEBUG, INFO, WARN, ERROR, CRITICAL, got: LOUD"),
-    "model": ({"peftnode_model_allow_network": "maybe"}, unconvertible("peftnode_model_allow_network", "bool")),
-    "node_verify": ({"peftnode_node_expectations": {"gpus": 8, "colour": "blue"}},
-                    r"peftnode_node_expectations\.colour\. Supported parameters include: cuda_home, "),
-    "artifact": ({"artifact": {"file": "x.tgz", "sha256": None}, "artifact_timeout": "soon"},
-                 unconvertible("artifact_timeout", "int")),
+    "peftnode": ({"peftnode_build_jobs": "many"}, unconvertible("peftnode_build_jobs", "int")),
+    "peftnode_base": ({"peftnode_install_packages": "perhaps"}, unconvertible("peftnode_install_packages", "bool")),
+    "peftnode_openssl": ({"peftnode_openssl_system_cas": "many"}, unconvertible("peftnode_openssl_system_cas", "bool")),
+    "peftnode_python": ({"peftnode_python_enable_optimizations": "sometimes"},
+                        unconvertible("peftnode_python_enable_optimizations", "bool")),
+    "peftnode_venv": ({"peftnode_pip_require_hashes": "yes please"},
+                      unconvertible("peftnode_pip_require_hashes", "bool")),
+    "peftnode_jupyterlab": ({"peftnode_jupyter_log_level": "LOUD"},
+                            r"value of peftnode_jupyter_log_level must be one of: "
+                            r"DEBUG, INFO, WARN, ERROR, CRITICAL, got: LOUD"),
+    "peftnode_model": ({"peftnode_model_allow_network": "maybe"},
+                       unconvertible("peftnode_model_allow_network", "bool")),
+    "peftnode_node_verify": ({"peftnode_node_expectations": {"gpus": 8, "colour": "blue"}},
+                             r"peftnode_node_expectations\.colour\. Supported parameters include: cuda_home, "),
+    "peftnode_artifact": ({"artifact": {"file": "x.tgz", "sha256": None}, "artifact_timeout": "soon"},
+                          unconvertible("artifact_timeout", "int")),
 }
 
 
@@ -324,7 +344,7 @@ def test_each_role_refuses_a_bad_variable_at_its_first_task(tmp_path):
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     hosts = {f"bad-{role}": {**local, "role_under_test": role, "peftnode_stack": stack, **bad}
              for role, (bad, _) in BAD_VARIABLES.items()}
-    hosts["no-stack"] = {**local, "role_under_test": "openssl"}
+    hosts["no-stack"] = {**local, "role_under_test": "peftnode_openssl"}
     plays = [{"name": "Apply each host's role", "hosts": "all", "gather_facts": False,
               "tasks": [{"name": "Apply the role", "ansible.builtin.include_role": {"name": "{{ role_under_test }}"}}]}]
     inventory = write_yaml(tmp_path / "inventory.yml", {"all": {"hosts": hosts}})
@@ -335,7 +355,9 @@ def test_each_role_refuses_a_bad_variable_at_its_first_task(tmp_path):
     everything = results(proc.stdout)
     for role, (_, message) in BAD_VARIABLES.items():
         mine = [r for r in everything if r["host"] == f"bad-{role}"]
-        mine = [r for r in mine if r["task"] != "Apply the role"]
+        # the shared settings (a dependency of every role) are validated first, then the role's own
+        mine = [r for r in mine if r["task"] != "Apply the role"
+                and not (role != "peftnode" and r["task"].startswith("peftnode : ") and r["status"] != "fatal")]
         assert len(mine) == 1, f"{role}: more than the argument check ran\n{mine}"
         assert mine[0]["status"] == "fatal" and mine[0]["task"].startswith(f"{role} : Validating arguments"), mine
         errors = mine[0]["result"]["argument_errors"]
@@ -362,8 +384,11 @@ def test_site_refuses_a_bad_variable_in_preflight_before_any_role_runs(tmp_path,
     proc = site_check(tmp_path, variables)
     assert proc.returncode != 0, explain(proc)
     failed = [r for r in results(proc.stdout) if r["status"] in ("fatal", "failed")]
-    assert {r["task"] for r in failed} == {
-        "peftnode_preflight : Check the variables of every role this run applies against its argument specs"}, failed
+    # a shared setting is refused by the peftnode role's own argument check (the preflight depends on
+    # it), a role's setting by the preflight's check of every selected role: both before any role runs
+    assert len(failed) == 1 and failed[0]["task"] in {
+        "peftnode_preflight : Check the variables of every role this run applies against its argument specs",
+        "peftnode : Validating arguments against arg spec 'main' - The settings every peftnode role shares"}, failed
     errors = [e for r in failed for e in r["result"].get("argument_errors", [])]
     assert any(re.match(message, e) for e in errors), errors
     assert role_tasks_ran(proc.stdout) == []
@@ -408,7 +433,12 @@ def test_preflight_reports_checksums_sources_and_password_together(tmp_path):
     proc = site_check(tmp_path, variables)
     assert proc.returncode != 0, explain(proc)
     openssl = artifacts / "openssl_1.1.1w.orig.tar.gz"
+    # each role's own problems in site.yml's order, then every needed artifact's
     assert preflight_problems(proc) == [
+        "venv: peftnode_offline is true, but neither peftnode_wheelhouse nor peftnode_pip_index_url is set: "
+        "pip has nowhere to install the stack's requirements from",
+        "jupyterlab: peftnode_jupyter_password_hash is not set: give the hash of the JupyterLab password "
+        "(jupyter_server.auth.passwd()), kept with ansible-vault; JupyterLab is never started without one",
         "peftnode_model_source_dir: model-dir is not an absolute path",
         f"openssl: openssl_1.1.1w.orig.tar.gz: {openssl} has sha256 {sha256(openssl)}, but the stack says {'0' * 64}",
         "python: python3.11_3.11.2.orig.tar.gz: no sha256 in the stack; record the sha256 of the file you use "
@@ -420,10 +450,6 @@ def test_preflight_reports_checksums_sources_and_password_together(tmp_path):
         "(or set peftnode_allow_unverified_artifacts: true)",
         "model: model.safetensors: missing: not in model-dir, no peftnode_mirror_url is set, "
         "and peftnode_offline is true",
-        "venv: peftnode_offline is true, but neither peftnode_wheelhouse nor peftnode_pip_index_url is set: "
-        "pip has nowhere to install the stack's requirements from",
-        "jupyterlab: peftnode_jupyter_password_hash is not set: give the hash of the JupyterLab password "
-        "(jupyter_server.auth.passwd()), kept with ansible-vault; JupyterLab is never started without one",
     ]
     assert role_tasks_ran(proc.stdout) == []
 
@@ -551,7 +577,7 @@ gpgcheck=1
 
 def centos7_repair(text: str, mirror: str) -> str:
     """Apply the role's two replace tasks the way ansible.builtin.replace does (re.MULTILINE)."""
-    tasks = {t["name"]: t["ansible.builtin.replace"] for t in load(ROLES / "base" / "tasks" / "centos7-repos.yml")
+    tasks = {t["name"]: t["ansible.builtin.replace"] for t in load(ROLES / "peftnode_base" / "tasks" / "centos7-repos.yml")
              if "ansible.builtin.replace" in t}
     for name in ("Comment out the dead mirrorlist lines", "Point baseurl at the mirror"):
         args = tasks[name]
