@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.version import InvalidVersion, Version
 
@@ -25,15 +26,11 @@ from checks.result import Status, Value, Verdict
 
 GIB = 1024**3
 
-# Targets peftnode provisions (os-release ID -> accepted VERSION_ID majors, or full IDs for Ubuntu).
-SUPPORTED_OS = {
-    "centos": ("7",),
-    "rhel": ("7", "8", "9"),
-    "rocky": ("8", "9"),
-    "almalinux": ("8", "9"),
-    "debian": ("11", "12"),
-    "ubuntu": ("20.04", "22.04", "24.04"),
-}
+# Targets peftnode provisions (os-release ID -> accepted VERSION_IDs or their majors), from the one
+# list site.yml reads too.
+SUPPORTED_OS_FILE = Path(__file__).resolve().parent / "supported_os.yml"
+SUPPORTED_OS = {entry["id"]: tuple(str(r) for r in entry["releases"])
+                for entry in yaml.safe_load(SUPPORTED_OS_FILE.read_text(encoding="utf-8"))}
 
 
 # --- OS ------------------------------------------------------------------------------------------

@@ -604,3 +604,41 @@ def test_centos7_repair_points_every_repository_at_the_mirror_and_is_idempotent(
     # a second pass changes nothing (the replace tasks then report ok)
     assert centos7_repair(fixed, mirror) == fixed
     assert centos7_repair(scl, mirror) == scl
+
+
+# --- the venv: a +local build (torch==1.13.1+cu117) needs a source that serves it -----------------
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("online, the stack names no index", "a +local build, which the default package index never serves"),
+        ("offline, the wheelhouse lacks the wheel", "no torch-1.13.1+cu117-*.whl in the wheelhouse"),
+        ("online, the stack names PyTorch's index", None),
+        ("offline, the wheel is in the wheelhouse", None),
+    ],
+)
+def test_venv_preflight_names_a_local_build_nothing_serves(tmp_path, case, expected):
+    stack = tiny_stack(tmp_path, tmp_path / "artifacts", tmp_path / "model")
+    data = load(stack)
+    data["venv"]["requirements"] = ["torch==1.13.1+cu117", "jupyterlab"]
+    if "PyTorch's index" in case:
+        data["venv"]["extra_index_url"] = "https://pytorch.example.org/whl/cu117"
+    write_yaml(stack, data)
+    extra = {}
+    if case.startswith("offline"):
+        wheelhouse = tmp_path / "wheelhouse"
+        wheelhouse.mkdir()
+        (wheelhouse / "jupyterlab-4.0.0-py3-none-any.whl").write_bytes(b"")
+        if "is in the wheelhouse" in case:
+            (wheelhouse / "torch-1.13.1+cu117-cp310-cp310-linux_x86_64.whl").write_bytes(b"")
+        extra = {"peftnode_offline": True, "peftnode_wheelhouse": str(wheelhouse)}
+    variables = node_vars(tmp_path, peftnode_stack_name=str(stack), **extra)
+    proc = site_check(tmp_path, variables, "--tags", "venv")
+    if expected is None:
+        assert proc.returncode == 0, explain(proc)
+        return
+    assert proc.returncode != 0, explain(proc)
+    problems = preflight_problems(proc)
+    assert len(problems) == 1 and problems[0].startswith("venv: torch==1.13.1+cu117: ") and expected in problems[0], problems
+    assert role_tasks_ran(proc.stdout) == []

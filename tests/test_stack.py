@@ -89,7 +89,7 @@ def test_unknown_key_is_refused_and_accepted_keys_listed(good):
     data = mutate(good, "cudnn.flavour", "cuda11")
     with pytest.raises(StackError) as err:
         validate_stack(data, "s.yml")
-    assert err.value.problems == ["s.yml: cudnn.flavour: unknown key (accepted here: artifact, version)"]
+    assert err.value.problems == ["s.yml: cudnn.flavour: unknown key (accepted here: artifact, package, version)"]
 
 
 def test_unknown_top_level_key(good):
@@ -167,3 +167,86 @@ def test_malformed_manifest(tmp_path, doc, expected):
         load_manifest(path)
     assert any(expected in p for p in err.value.problems), err.value.problems
 
+
+
+# --- NVIDIA pieces that cannot work together are refused before anything runs ------------------
+
+
+def _problems(data) -> list[str]:
+    with pytest.raises(StackError) as err:
+        validate_stack(data, "s.yml")
+    return err.value.problems
+
+
+@pytest.mark.parametrize(
+    ("driver", "cuda", "verdict"),
+    [
+        ("450.80.01", "11.7.1", "refused"),   # just below CUDA 11's minor-version-compatibility floor
+        ("450.80.02", "11.7.1", "warned"),    # the floor itself: runs, with minor-version compatibility only
+        ("515.48.06", "11.7.1", "warned"),    # below 11.7 Update 1's own driver
+        ("515.48.07", "11.7.1", "fine"),
+        ("515.65.01", "11.7.1", "fine"),      # the seed
+        ("515.43.04", "11.7.0", "fine"),
+        ("525.60.12", "12.4.1", "refused"),   # below CUDA 12's floor
+        ("535.104.05", "12.4.1", "warned"),
+        ("550.54.15", "12.4.1", "fine"),
+    ],
+)
+def test_driver_against_the_cuda_floors(good, driver, cuda, verdict):
+    from checks.stack import compatibility
+
+    data = copy.deepcopy(good)
+    data["nvidia_driver"]["version"] = driver
+    data["cuda"]["version"] = cuda
+    major = cuda.split(".")[0]
+    # keep the other pieces consistent with the CUDA major under test
+    data["nccl"]["package"] = f"{data['nccl']['version']}-1+cuda{major}.0"
+    data["nccl"]["artifact"]["file"] = f"nccl_{data['nccl']['version']}-1+cuda{major}.0_x86_64.txz"
+    data["cudnn"]["artifact"]["file"] = f"cudnn-linux-x86_64-{data['cudnn']['version']}_cuda{major}-archive.tar.xz"
+    data["cudnn"]["package"] = f"{data['cudnn']['version']}-1.cuda{major}.0"
+    data["venv"]["requirements"] = [r for r in data["venv"]["requirements"] if "+cu" not in r]
+    problems, warnings = compatibility(data)
+    if verdict == "refused":
+        assert len(problems) == 1 and f"driver {driver} is below" in problems[0], problems
+        assert any("nvidia_driver.version" in p for p in _problems(data))
+    elif verdict == "warned":
+        assert problems == [] and len(warnings) == 1 and "minor-version compatibility only" in warnings[0]
+        validate_stack(data, "s.yml")
+    else:
+        assert problems == [] and warnings == [], (problems, warnings)
+
+
+def test_nccl_and_cudnn_built_for_another_cuda_major_are_refused(good):
+    data = copy.deepcopy(good)
+    data["nccl"]["package"] = "2.14.3-1+cuda12.0"
+    data["cudnn"]["artifact"]["file"] = "cudnn-linux-x86_64-8.8.1.3_cuda12-archive.tar.xz"
+    problems = _problems(data)
+    assert "s.yml: nccl.package: '2.14.3-1+cuda12.0' is built for CUDA 12, but cuda.version is 11.7.1" in problems
+    assert ("s.yml: cudnn.artifact.file: 'cudnn-linux-x86_64-8.8.1.3_cuda12-archive.tar.xz' is built for CUDA 12, "
+            "but cuda.version is 11.7.1") in problems
+
+
+def test_fabric_manager_must_be_the_driver_version(good):
+    data = copy.deepcopy(good)
+    data["fabricmanager"] = {"version": "515.48.07"}
+    assert any(p.startswith("s.yml: fabricmanager.version: 515.48.07 is not the driver's version 515.65.01")
+               for p in _problems(data))
+    data["fabricmanager"] = {"version": "515.65.01"}
+    validate_stack(data, "s.yml")
+
+
+def test_warnings_reach_the_loaded_stack(tmp_path, good):
+    data = copy.deepcopy(good)
+    data["nvidia_driver"]["version"] = "470.57.02"  # above 11.x's floor, below 11.7.1's own driver
+    path = tmp_path / "old-driver.yml"
+    path.write_text(yaml.safe_dump(data))
+    stack = load_stack(str(path))
+    assert len(stack.warnings) == 1 and stack.warnings[0].startswith(f"{path}: nvidia_driver.version: driver 470.57.02")
+    assert load_stack("cu117").warnings == []
+
+
+def test_local_version_requirements_are_listed(good):
+    from checks.stack import local_version_requirements
+
+    assert local_version_requirements(good) == ["torch==1.13.1+cu117", "torchvision==0.14.1+cu117"]
+    assert good["venv"]["extra_index_url"].endswith("/cu117")
