@@ -179,7 +179,10 @@ def nvidia_reboot_decision(wanted, state, changed, allowed, connection) -> dict:
     wanted = str(wanted)
     pending = bool(changed) or (state.get("installed") == wanted and state.get("loaded") != wanted)
     if not pending:
-        return {"pending": False, "reboot": False, "message": f"NVIDIA driver {wanted} is loaded; no reboot needed"}
+        message = (f"NVIDIA driver {wanted} is loaded; no reboot needed" if state.get("loaded") == wanted
+                   else f"No reboot: driver {wanted} was not installed in this run "
+                        f"(loaded: {state.get('loaded') or 'none'})")
+        return {"pending": False, "reboot": False, "message": message}
     why = (f"driver {wanted} was installed in this run" if changed
            else f"driver {wanted} is installed but {state.get('loaded') or 'no driver'} is loaded")
     if str(connection) == "local":

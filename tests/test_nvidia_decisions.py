@@ -162,6 +162,10 @@ def test_reboot_decision():
                                       "ssh")
     assert stale["reboot"] is True and "510.47.03 is loaded" in stale["message"]
     assert nv.nvidia_reboot_decision("515.65.01", {"installed": "515.65.01"}, False, "no", "ssh")["pending"] is True
+    # check mode on a bare node: nothing installed, nothing loaded: no reboot, and no claim that it is loaded
+    bare = nv.nvidia_reboot_decision("515.65.01", nv.nvidia_driver_state("515.65.01"), False, True, "ssh")
+    assert bare == {"pending": False, "reboot": False,
+                    "message": "No reboot: driver 515.65.01 was not installed in this run (loaded: none)"}
 
 
 def test_driver_problems():
