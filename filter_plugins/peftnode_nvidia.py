@@ -212,7 +212,7 @@ def nvidia_driver_problems(method, os_family, major, extra_args=None, reboot=Fal
             nvidia_driver_repo_install(os_family, major, "000.00.00")
         except ValueError as exc:
             problems.append(f"nvidia_driver: {exc}; use peftnode_nvidia_driver_method: runfile")
-    for arg in extra_args or []:
+    for arg in (extra_args or []) if method == "runfile" else []:
         if str(arg) in CONFLICTING_RUNFILE_ARGS:
             problems.append(f"nvidia_driver: peftnode_nvidia_driver_runfile_args has {arg!r}, which undoes the "
                             "role's --dkms / non-interactive install; remove it")

@@ -178,6 +178,7 @@ def test_driver_problems():
         "nvidia_driver: peftnode_nvidia_driver_method is 'apt'")
     assert "--no-dkms" in nv.nvidia_driver_problems("runfile", "Debian", "12", ["--no-dkms"])[0]
     assert nv.nvidia_driver_problems("runfile", "Debian", "12", ["--no-opengl-files"]) == []
+    assert nv.nvidia_driver_problems("repo", "Debian", "12", ["--no-dkms"]) == []  # the runfile is not used
     assert "local connection" in nv.nvidia_driver_problems("runfile", "Debian", "12", [], True, "local")[0]
     assert nv.nvidia_driver_problems("runfile", "Debian", "12", [], True, "ssh") == []
 
