@@ -500,7 +500,8 @@ def test_preflight_excuses_a_missing_artifact_of_an_installed_component_but_not_
 
     fine = site_check(tmp_path, variables, "--tags", "python")
     assert fine.returncode == 0, explain(fine)
-    shown = [r for r in results(fine.stdout) if r["task"] == "peftnode_preflight : Show where each artifact will come from"]
+    shown = [r for r in results(fine.stdout)
+             if r["task"] == "peftnode_preflight : Show where each artifact will come from"]
     assert shown[0]["result"]["msg"] == [
         f"python: {python_tarball.name}: not needed, the node has python {platform.python_version()} already"]
 
@@ -577,8 +578,8 @@ gpgcheck=1
 
 def centos7_repair(text: str, mirror: str) -> str:
     """Apply the role's two replace tasks the way ansible.builtin.replace does (re.MULTILINE)."""
-    tasks = {t["name"]: t["ansible.builtin.replace"] for t in load(ROLES / "peftnode_base" / "tasks" / "centos7-repos.yml")
-             if "ansible.builtin.replace" in t}
+    repos = load(ROLES / "peftnode_base" / "tasks" / "centos7-repos.yml")
+    tasks = {t["name"]: t["ansible.builtin.replace"] for t in repos if "ansible.builtin.replace" in t}
     for name in ("Comment out the dead mirrorlist lines", "Point baseurl at the mirror"):
         args = tasks[name]
         replacement = args["replace"].replace("{{ peftnode_centos7_mirror | regex_replace('/+$', '') }}",
@@ -640,5 +641,6 @@ def test_venv_preflight_names_a_local_build_nothing_serves(tmp_path, case, expec
         return
     assert proc.returncode != 0, explain(proc)
     problems = preflight_problems(proc)
-    assert len(problems) == 1 and problems[0].startswith("venv: torch==1.13.1+cu117: ") and expected in problems[0], problems
+    assert len(problems) == 1 and problems[0].startswith("venv: torch==1.13.1+cu117: "), problems
+    assert expected in problems[0], problems
     assert role_tasks_ran(proc.stdout) == []
