@@ -75,6 +75,16 @@ def dcgm_packages(version: str, cuda_version: str, os_family: str, extra: list |
     return [f"{n}-{version}" for n in names]
 
 
+def dcgm_remove_first(installed: str, wanted: str) -> list[str]:
+    """Packages to remove before installing ``wanted``: DCGM 4.x replaces the 3.x package
+    datacenter-gpu-manager, which NVIDIA's upgrade procedure removes first; [] otherwise."""
+    if not installed or not VERSION_RX.match(str(installed)):
+        return []
+    if int(str(installed).split(".")[0]) <= 3 and _major(wanted) >= 4:
+        return [PACKAGE_3]
+    return []
+
+
 def dcgm_probe_version(output: str) -> str:
     """The version ``dcgmi --version`` prints ('dcgmi  version: 3.3.9'), or '' when there is none."""
     m = PROBE_RX.search(str(output or ""))
@@ -122,5 +132,6 @@ class FilterModule:
             "dcgm_package_names": dcgm_package_names,
             "dcgm_packages": dcgm_packages,
             "dcgm_probe_version": dcgm_probe_version,
+            "dcgm_remove_first": dcgm_remove_first,
             "dcgm_problems": dcgm_problems,
         }

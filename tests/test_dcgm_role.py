@@ -77,6 +77,16 @@ def test_what_cannot_be_installed_is_refused_with_the_reason(version, cuda, fami
         f.dcgm_packages(version, cuda, family)
 
 
+@pytest.mark.parametrize("installed, wanted, removed", [
+    ("3.3.9", "4.2.3", ["datacenter-gpu-manager"]),  # 4.x replaces the 3.x package
+    ("", "4.2.3", []),  # nothing installed
+    ("3.3.8", "3.3.9", []),  # same package, another version
+    ("4.1.1", "4.2.3", []),
+])
+def test_dcgm_3_is_removed_before_4_replaces_it(installed, wanted, removed):
+    assert f.dcgm_remove_first(installed, wanted) == removed
+
+
 @pytest.mark.parametrize("output, version", [
     ("\ndcgmi  version: 3.3.9\n\n", "3.3.9"),  # DCGM 3.x
     ("dcgmi version: 4.2.3\n", "4.2.3"),
