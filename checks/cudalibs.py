@@ -409,12 +409,15 @@ def _read_header(probe: LibProbe, homes: list[str], name: str, parse) -> None:
 # --- NCCL ----------------------------------------------------------------------------------------
 
 
-def nccl_homes(node: dict, cuda_version: str) -> tuple[list[str], bool]:
+def nccl_homes(node: dict, cuda_version: str, nccl_version: str | None = None) -> tuple[list[str], bool]:
     """Where to look for NCCL, and whether the dynamic loader may be asked after that:
-    node.nccl_home alone when set; else the CUDA prefix, then the loader."""
+    node.nccl_home alone when set; else the nccl role's versioned prefix /usr/local/nccl-<version>
+    (unless node.cuda_home is set: NCCL copied into that toolkit, as the seed did), the CUDA prefix,
+    then the loader."""
     if node.get("nccl_home"):
         return [str(node["nccl_home"])], False
-    return cuda_home_candidates(node, cuda_version), True
+    versioned = [f"/usr/local/nccl-{nccl_version}"] if nccl_version and not node.get("cuda_home") else []
+    return versioned + cuda_home_candidates(node, cuda_version), True
 
 
 def probe_nccl(homes: list[str], use_loader: bool = True) -> LibProbe:
@@ -454,15 +457,15 @@ def _library_verdict(what: str, probe: LibProbe, decoded: Version | None, want: 
 
 def judge_nccl(probe: LibProbe, stack_version: str) -> Verdict:
     want = parse_version(stack_version)
-    role_fix = (f"Install NCCL {stack_version} (nccl role: nccl_{stack_version}-1+cudaX.Y_x86_64.txz into the "
-                "CUDA prefix, or the libnccl package), or set node.nccl_home to where it is.")
+    role_fix = (f"Install NCCL {stack_version} (nccl role: nccl_{stack_version}-1+cudaX.Y_x86_64.txz into "
+                f"/usr/local/nccl-{stack_version}, or the libnccl package), or set node.nccl_home to where it is.")
     decoded = decode_nccl(probe.code) if probe.code is not None else None
     return _library_verdict("NCCL", probe, decoded, want, 3, {"nccl": stack_version}, role_fix)
 
 
 @check("cuda.nccl", "NCCL loads and is the stack's version", isolate=True, timeout_s=60)
 def cuda_nccl(ctx: Context) -> Verdict:
-    homes, use_loader = nccl_homes(ctx.node, ctx.stack["cuda"]["version"])
+    homes, use_loader = nccl_homes(ctx.node, ctx.stack["cuda"]["version"], ctx.stack["nccl"]["version"])
     return judge_nccl(probe_nccl(homes, use_loader), ctx.stack["nccl"]["version"])
 
 
@@ -475,10 +478,13 @@ CUDNN_SUBLIBS = {
 }
 
 
-def cudnn_homes(node: dict, cuda_version: str) -> tuple[list[str], bool]:
+def cudnn_homes(node: dict, cuda_version: str, cudnn_version: str | None = None) -> tuple[list[str], bool]:
+    """As nccl_homes: node.cudnn_home alone when set; else /usr/local/cudnn-<version> (the cudnn role's
+    prefix; not when node.cuda_home is set), the CUDA prefix, then the loader."""
     if node.get("cudnn_home"):
         return [str(node["cudnn_home"])], False
-    return cuda_home_candidates(node, cuda_version), True
+    versioned = [f"/usr/local/cudnn-{cudnn_version}"] if cudnn_version and not node.get("cuda_home") else []
+    return versioned + cuda_home_candidates(node, cuda_version), True
 
 
 def cudnn_names(stack_version: str) -> list[str]:
@@ -539,7 +545,7 @@ def judge_cudnn(probe: LibProbe, stack_version: str) -> Verdict:
     want = parse_version(stack_version)
     expected = {"cudnn": stack_version}
     role_fix = (f"Install cuDNN {stack_version} (cudnn role: the cudnn-linux-x86_64-{stack_version}_cudaX-archive "
-                "into the CUDA prefix, copied with symlinks kept), or set node.cudnn_home to where it is.")
+                f"into /usr/local/cudnn-{stack_version}, symlinks kept), or set node.cudnn_home to where it is.")
     decoded = decode_cudnn(probe.code) if probe.code is not None else None
     note = ""
     if len(want) > 3:
@@ -567,7 +573,7 @@ def judge_cudnn(probe: LibProbe, stack_version: str) -> Verdict:
 
 @check("cuda.cudnn", "cuDNN loads and is the stack's version", isolate=True, timeout_s=60)
 def cuda_cudnn(ctx: Context) -> Verdict:
-    homes, use_loader = cudnn_homes(ctx.node, ctx.stack["cuda"]["version"])
+    homes, use_loader = cudnn_homes(ctx.node, ctx.stack["cuda"]["version"], ctx.stack["cudnn"]["version"])
     version = ctx.stack["cudnn"]["version"]
     return judge_cudnn(probe_cudnn(homes, version, use_loader), version)
 
