@@ -223,20 +223,26 @@ def nvidia_driver_problems(method, os_family, major, extra_args=None, reboot=Fal
 
 
 def fabricmanager_wanted(setting, nvswitch_count) -> bool:
-    """peftnode_fabricmanager: true/false force it; auto installs it where NVSwitches are present."""
+    """peftnode_fabricmanager: true/false force it; auto installs it where NVSwitches are present. Any
+    other setting is False here (fabricmanager_problems reports it, and the role refuses it)."""
     text = str(setting).strip().lower()
     if text in ("true", "yes", "on", "1"):
         return True
     if text in ("false", "no", "off", "0"):
         return False
-    if text == "auto":
-        return int(nvswitch_count or 0) > 0
-    raise ValueError(f"peftnode_fabricmanager is {setting!r}; use auto, true or false")
+    return text == "auto" and int(nvswitch_count or 0) > 0
 
 
-def fabricmanager_problems(setting, version, driver_version) -> list[str]:
-    """The fabric manager role's variables against the driver: the same version, exactly."""
+def fabricmanager_problems(setting, version, driver_version, method="repo", has_artifact=False) -> list[str]:
+    """The fabric manager role's variables against the driver (the same version, exactly) and the stack
+    (the archive method needs fabricmanager.artifact)."""
     problems = []
+    if method == "archive" and not has_artifact:
+        problems.append("fabricmanager: peftnode_fabricmanager_method is archive, but the stack has no "
+                        "fabricmanager.artifact (fabricmanager-linux-x86_64-<version>-archive.tar.xz); add it, or "
+                        "use the repo method")
+    elif method not in ("repo", "archive"):
+        problems.append(f"fabricmanager: peftnode_fabricmanager_method is {method!r}; use repo or archive")
     if str(setting).strip().lower() not in ("auto", "true", "false", "yes", "no", "on", "off", "1", "0"):
         problems.append(f"fabricmanager: peftnode_fabricmanager is {setting!r}; use auto, true or false")
     if str(version) != str(driver_version):

@@ -187,14 +187,17 @@ def test_fabricmanager_setting_and_version_rule():
     assert nv.fabricmanager_wanted(True, 0) is True
     assert nv.fabricmanager_wanted("false", 6) is False
     assert nv.fabricmanager_wanted("auto", 6) is True
-    with pytest.raises(ValueError):
-        nv.fabricmanager_wanted("sometimes", 6)
+    assert nv.fabricmanager_wanted("sometimes", 6) is False  # refused by fabricmanager_problems
     assert nv.fabricmanager_problems("auto", "515.65.01", "515.65.01") == []
     problems = nv.fabricmanager_problems("true", "515.86.01", "515.65.01")
     assert problems == ["fabricmanager: peftnode_fabricmanager_version is 515.86.01, but the driver is 515.65.01; "
                         "fabric manager refuses to start unless both are the same version: leave "
                         "peftnode_fabricmanager_version unset (it follows the driver)"]
     assert "use auto, true or false" in nv.fabricmanager_problems("maybe", "515.65.01", "515.65.01")[0]
+    assert nv.fabricmanager_problems("auto", "515.65.01", "515.65.01", "archive", True) == []
+    assert "the stack has no fabricmanager.artifact" in nv.fabricmanager_problems(
+        "auto", "515.65.01", "515.65.01", "archive", False)[0]
+    assert "use repo or archive" in nv.fabricmanager_problems("auto", "515.65.01", "515.65.01", "tarball")[0]
 
 
 def test_filters_are_registered():

@@ -11,14 +11,17 @@ No kernel module can load here, so the node gets stand-ins that record what the 
   ``linux-headers-<uname -r>`` (the build tree), ``dkms``, and ``nvidia-fabricmanager-515`` at
   515.65.01-1 *and* 515.86.01-1 (the newer one proves the role pins exactly the driver's version);
 - a fake sysfs tree holds an HGX A800's PCI devices: 8 GPUs (class 0x0302) and 6 NVSwitches
-  (10de:1af1, class 0x0680).
+  (10de:1af1, class 0x0680);
+- a stand-in fabric manager archive in NVIDIA's layout (``fabricmanager-linux-x86_64-515.65.01-archive``
+  with bin/, lib/, etc/, share/nvidia/nvswitch/, systemd/), served like the runfile.
 
 Proved: the missing-headers failure names the kernel and runs nothing after it; headers before
 the runfile; the runfile's flags; the nouveau blacklist and the initramfs handler; the reboot
 decision (a message, no reboot); nvidia-persistenced enabled and running; fabric manager
 515.65.01-1 installed (forced, then detected) and active, and the verify check gpu.fabricmanager
 passing on it; a second run changes nothing; preflight refuses a fabric manager version other
-than the driver's; a node without NVIDIA devices is left alone with a message.
+than the driver's; fabric manager from the archive instead of the package, idempotent; a node
+without NVIDIA devices gets no driver (a message), and fabric manager only when forced.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ PLAYBOOK = Path(__file__).parent / "playbooks" / "driver.yml"
 DRIVER = "515.65.01"
 NEWER = "515.86.01"
 RUNFILE = f"NVIDIA-Linux-x86_64-{DRIVER}.run"
+FM_ARCHIVE = f"fabricmanager-linux-x86_64-{DRIVER}-archive.tar.xz"
+LIBDIR = "/usr/lib/x86_64-linux-gnu"
 LOG = "/var/log/peftnode-test"
 FAKE_SYS = "/srv/fake-sys"
 MISSING_KERNEL = "0.0.0-peftnode-missing"
@@ -134,17 +139,43 @@ packages = "\n".join(stanzas).encode()
 print(K)
 '''
 
-# python3-apt (the apt module needs it) from the container's own Debian sources; then apt sees only
-# the local repository, so nothing real can stand in for a stand-in.
+# python3-apt (the apt module needs it) and xz-utils (the archive's unpacking; the base role's job in
+# site.yml) from the container's own Debian sources; then apt sees only the local repository, so
+# nothing real can stand in for a stand-in.
 APT_SETUP = """set -e
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >/dev/null
-apt-get install -y -q --no-install-recommends python3-apt >/dev/null
+apt-get install -y -q --no-install-recommends python3-apt xz-utils >/dev/null
 mkdir -p /etc/apt/peftnode-disabled
 for f in /etc/apt/sources.list /etc/apt/sources.list.d/*; do [ -e "$f" ] && mv "$f" /etc/apt/peftnode-disabled/; done
 echo 'deb [trusted=yes] file:/srv/peftnode-repo ./' > /etc/apt/sources.list.d/peftnode-test.list
 apt-get update -q >/dev/null
 """
+
+
+def _fm_archive(path: Path) -> None:
+    """A stand-in fabric manager archive in NVIDIA's layout."""
+    top = path.name.removesuffix(".tar.xz")
+    fm = (f"#!/bin/sh\ncase \"$1\" in -v|--version) echo \"Fabric Manager version is : {DRIVER}\"; exit 0;; esac\n"
+          f"echo \"nv-fabricmanager-archive {DRIVER} $*\" >> {LOG}/calls.log\nexec sleep infinity\n")
+    unit = ("[Unit]\nDescription=NVIDIA fabric manager service (peftnode stand-in, archive)\n\n[Service]\n"
+            "ExecStart=/usr/bin/nv-fabricmanager -c /usr/share/nvidia/nvswitch/fabricmanager.cfg\n\n"
+            "[Install]\nWantedBy=multi-user.target\n")
+    members = {
+        "bin/nv-fabricmanager": (fm, 0o755),
+        "bin/nvswitch-audit": ("#!/bin/sh\nexit 0\n", 0o755),
+        "lib/libnvfm.so.1": ("stand-in library\n", 0o644),
+        "etc/fabricmanager.cfg": ("LOG_LEVEL=4\n", 0o644),
+        "share/nvidia/nvswitch/dgxa100_hgxa100_topology": ("stand-in topology\n", 0o644),
+        "systemd/nvidia-fabricmanager.service": (unit, 0o644),
+        "LICENSE": ("stand-in\n", 0o644),
+    }
+    with tarfile.open(path, "w:xz") as tar:
+        for name, (text, mode) in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +190,11 @@ def inputs(node, tmp_path_factory):
     stack["nvidia_driver"]["artifact"] = {"file": RUNFILE, "sha256": ct.sha256_file(runfile), "url": None}
     stack_file = tmp / "cu117-driver-standin.yml"
     stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
+    _fm_archive(artifacts / FM_ARCHIVE)
+    stack["fabricmanager"] = {"version": DRIVER, "artifact": {
+        "file": FM_ARCHIVE, "sha256": ct.sha256_file(artifacts / FM_ARCHIVE), "url": None}}
+    archive_stack = tmp / "cu117-driver-standin-fm-archive.yml"
+    archive_stack.write_text(yaml.safe_dump(stack, sort_keys=False))
 
     script = SETUP_PY
     for key, value in {"@LOG@": LOG, "@FAKE_SYS@": FAKE_SYS, "@DRIVER@": DRIVER, "@NEWER@": NEWER}.items():
@@ -172,7 +208,7 @@ def inputs(node, tmp_path_factory):
         "peftnode_nvidia_driver_sysfs_root": FAKE_SYS,
         "peftnode_fabricmanager_sysfs_root": FAKE_SYS,
     }
-    yield SimpleNamespace(extra=extra, kernel=kernel, runfile=runfile)
+    yield SimpleNamespace(extra=extra, kernel=kernel, runfile=runfile, archive_stack=str(archive_stack))
     RESULTS.update({k: v for k, v in ct.timings.items() if k in ("boot_s", "extract_s")})
     print(f"\n[converge-driver] summary: {json.dumps(RESULTS, sort_keys=True)}")
 
@@ -208,7 +244,7 @@ def _calls(node) -> list[str]:
 @pytest.fixture(scope="module")
 def check_mode(node, inputs):
     """First of all, on the bare node: --check says what it would do and changes nothing."""
-    run = _run(node, inputs, "driver0_check", extra_args=("--check",))
+    run = _run(node, inputs, "driver0_check", extra_args=("--check",), peftnode_fabricmanager_sysfs_root="/sys")
     state = node.ssh("ls /etc/modprobe.d/blacklist-nouveau.conf /usr/bin/nvidia-smi /var/cache/peftnode "
                      f"{LOG}/runfile.args 2>/dev/null; dpkg-query -W 'nvidia-fabricmanager*' 'linux-headers*' "
                      "dkms 2>/dev/null; true").stdout
@@ -244,7 +280,7 @@ def test_check_mode_changes_nothing(check_mode):
     assert ("NVIDIA driver 515.65.01 would be installed (runfile method, NVIDIA-Linux-x86_64-515.65.01.run), "
             "with the headers of kernel") in text
     assert "No reboot: driver 515.65.01 was not installed in this run (loaded: none)" in text
-    assert "No NVIDIA driver is loaded yet: nvidia-fabricmanager.service would be enabled" in text
+    assert "No NVSwitch on peftnode-ci" in text and "fabric manager is not installed" in text
     assert check_mode.state.strip() == "", check_mode.state  # no file, no package, no cache
 
 
@@ -361,13 +397,46 @@ def test_preflight_refuses_another_fabricmanager_version(node, inputs, converged
     assert node.ssh("dpkg-query -W -f '${Version}' nvidia-fabricmanager-515").stdout == f"{DRIVER}-1"
 
 
-def test_node_without_nvidia_devices_is_left_alone(node, inputs, converged):
+@pytest.fixture(scope="module")
+def from_archive(node, inputs, first):
+    """Fabric manager from the stack's archive instead of the package (the package removed first)."""
+    if first.rc != 0:
+        pytest.skip("the first driver converge failed (see test_first_converge)")
+    node.ssh("systemctl disable --now nvidia-fabricmanager && apt-get purge -y -q nvidia-fabricmanager-515 "
+             ">/dev/null && systemctl daemon-reload")
+    return _run(node, inputs, "driver5_fm_archive", peftnode_stack_name=inputs.archive_stack)
+
+
+def test_fabricmanager_from_the_archive(node, from_archive):
+    run = from_archive
+    assert run.rc == 0, run.tail(60)
+    assert f"fabricmanager: {FM_ARCHIVE}: needed=True" in run.output
+    changed = _changed_tasks(run)
+    assert {t.split(" : ")[0] for t in changed} <= {"peftnode_fabricmanager", "peftnode_artifact"}, changed
+    assert node.ssh("nv-fabricmanager --version").stdout.strip() == f"Fabric Manager version is : {DRIVER}"
+    for path in ("/etc/systemd/system/nvidia-fabricmanager.service", "/usr/share/nvidia/nvswitch/fabricmanager.cfg",
+                 "/usr/share/nvidia/nvswitch/dgxa100_hgxa100_topology", f"{LIBDIR}/libnvfm.so.1",
+                 "/usr/bin/nvswitch-audit"):
+        assert node.ssh(f"test -f {path} && echo ok", check=False).stdout.strip() == "ok", path
+    assert node.ssh("test -x /usr/bin/nv-fabricmanager && echo ok").stdout.strip() == "ok"
+    assert node.ssh(f"ls /var/cache/peftnode/build/fabricmanager-{DRIVER} 2>/dev/null; true").stdout == ""
+    assert node.ssh("systemctl is-active nvidia-fabricmanager", check=False).stdout.strip() == "active"
+    assert node.ssh("systemctl is-enabled nvidia-fabricmanager", check=False).stdout.strip() == "enabled"
+    assert "nv-fabricmanager-archive 515.65.01 -c /usr/share/nvidia/nvswitch/fabricmanager.cfg" in _calls(node)
+
+
+def test_node_without_nvidia_devices_gets_no_driver_and_fabricmanager_only_when_forced(node, inputs, from_archive):
+    """The real /sys (no NVIDIA device here): the driver role leaves the node alone with a message;
+    fabric manager, forced, runs its tasks and finds the archive's install in place (changed=0)."""
     if any(p.read_text().strip() == "0x10de" for p in Path("/sys/bus/pci/devices").glob("*/vendor")):
         pytest.skip("this host has NVIDIA PCI devices; the container shares its /sys")
-    run = _run(node, inputs, "driver4_no_gpu", peftnode_nvidia_driver_sysfs_root="/sys",
-               peftnode_fabricmanager_sysfs_root="/sys")
-    assert run.rc == 0 and run.recap().get("changed") == 0, run.tail(60)
+    run = _run(node, inputs, "driver4_no_gpu", peftnode_stack_name=inputs.archive_stack,
+               peftnode_nvidia_driver_sysfs_root="/sys", peftnode_fabricmanager_sysfs_root="/sys",
+               peftnode_fabricmanager=True)
+    assert run.rc == 0 and run.recap().get("changed") == 0, f"{run.tail(60)}\nchanged: {_changed_tasks(run)}"
     text = " ".join(run.output.split())
     assert "No NVIDIA GPU on peftnode-ci" in text and "the NVIDIA driver is not installed" in text
-    assert "No NVSwitch on peftnode-ci" in text and "fabric manager is not installed" in text
+    assert not _ran(run, "peftnode_nvidia_driver : Blacklist nouveau")
+    assert _ran(run, "peftnode_fabricmanager : Work out the loaded driver and the package to install")
     assert "nvidia_driver: NVIDIA-Linux-x86_64-515.65.01.run: needed=False" in run.output
+    assert f"fabricmanager: {FM_ARCHIVE}: needed=False" in run.output
