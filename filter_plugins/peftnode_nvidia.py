@@ -158,9 +158,13 @@ def nvidia_fabricmanager_package(os_family, version) -> str:
     raise ValueError(f"no fabric manager package known for OS family {family!r}")
 
 
-def nvidia_runfile_argv(path, extra_args=None) -> list[str]:
-    """The runfile's command line: silent, DKMS, no questions, then the operator's options."""
-    return [str(path), "--silent", "--dkms", "--no-questions", *[str(a) for a in (extra_args or [])]]
+def nvidia_runfile_argv(path, extra_args=None, kernel=None, running_kernel=None) -> list[str]:
+    """The runfile's command line: silent, DKMS, no questions, --kernel-name when the module is built
+    for another kernel than the running one, then the operator's options."""
+    argv = [str(path), "--silent", "--dkms", "--no-questions"]
+    if kernel and running_kernel and str(kernel) != str(running_kernel):
+        argv.append(f"--kernel-name={kernel}")
+    return argv + [str(a) for a in (extra_args or [])]
 
 
 def nvidia_driver_state(wanted, proc_text=None, smi_text=None, modinfo_text=None) -> dict:

@@ -107,6 +107,11 @@ def test_runfile_argv_is_silent_dkms_no_questions_then_extra():
     assert nv.nvidia_runfile_argv("/c/NVIDIA-Linux-x86_64-515.65.01.run") == [
         "/c/NVIDIA-Linux-x86_64-515.65.01.run", "--silent", "--dkms", "--no-questions"]
     assert nv.nvidia_runfile_argv("/r.run", ["--no-opengl-files"])[-1] == "--no-opengl-files"
+    # building for the running kernel: no --kernel-name; for another one (installed, booted next): named
+    assert nv.nvidia_runfile_argv("/r.run", [], "6.1.0-18-amd64", "6.1.0-18-amd64") == [
+        "/r.run", "--silent", "--dkms", "--no-questions"]
+    assert nv.nvidia_runfile_argv("/r.run", ["-x"], "6.1.0-20-amd64", "6.1.0-18-amd64") == [
+        "/r.run", "--silent", "--dkms", "--no-questions", "--kernel-name=6.1.0-20-amd64", "-x"]
 
 
 PROC_515 = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  515.65.01  Wed Jul 20 14:00:58 UTC 2022\n"
