@@ -335,6 +335,21 @@ BAD_VARIABLES = {
                              r"peftnode_node_expectations\.colour\. Supported parameters include: cuda_home, "),
     "peftnode_artifact": ({"artifact": {"file": "x.tgz", "sha256": None}, "artifact_timeout": "soon"},
                           unconvertible("artifact_timeout", "int")),
+    # (its kernel default comes from gathered facts, which this play does not gather)
+    "peftnode_nvidia_driver": ({"peftnode_nvidia_driver_method": "magic", "peftnode_nvidia_driver_kernel": "6.1.0-x"},
+                               r"value of peftnode_nvidia_driver_method must be one of: runfile, repo, got: magic"),
+    "peftnode_fabricmanager": ({"peftnode_fabricmanager_method": "magic"},
+                               r"value of peftnode_fabricmanager_method must be one of: repo, archive, got: magic"),
+    "peftnode_cuda": ({"peftnode_cuda_method": "magic"},
+                      r"value of peftnode_cuda_method must be one of: runfile, repo, redist, got: magic"),
+    "peftnode_nccl": ({"peftnode_nccl_method": "magic"},
+                      r"value of peftnode_nccl_method must be one of: archive, repo, got: magic"),
+    "peftnode_cudnn": ({"peftnode_cudnn_method": "magic"},
+                       r"value of peftnode_cudnn_method must be one of: archive, repo, got: magic"),
+    "peftnode_dcgm": ({"peftnode_dcgm_method": "magic"},
+                      r"value of peftnode_dcgm_method must be one of: repo, artifact, got: magic"),
+    "peftnode_nccl_tests": ({"peftnode_nccl_tests_enabled": "perhaps"},
+                            unconvertible("peftnode_nccl_tests_enabled", "bool")),
 }
 
 
@@ -360,7 +375,7 @@ def test_each_role_refuses_a_bad_variable_at_its_first_task(tmp_path):
                 and not (role != "peftnode" and r["task"].startswith("peftnode : ") and r["status"] != "fatal")]
         assert len(mine) == 1, f"{role}: more than the argument check ran\n{mine}"
         assert mine[0]["status"] == "fatal" and mine[0]["task"].startswith(f"{role} : Validating arguments"), mine
-        errors = mine[0]["result"]["argument_errors"]
+        errors = mine[0]["result"].get("argument_errors") or [mine[0]["result"].get("msg", "")]
         assert any(re.match(message, e) for e in errors), (role, errors)
     # without a stack the role's own defaults cannot even be worked out: refused at the same task
     nostack = [r for r in everything if r["host"] == "no-stack" and r["task"] != "Apply the role"]
@@ -644,3 +659,31 @@ def test_venv_preflight_names_a_local_build_nothing_serves(tmp_path, case, expec
     assert len(problems) == 1 and problems[0].startswith("venv: torch==1.13.1+cu117: "), problems
     assert expected in problems[0], problems
     assert role_tasks_ran(proc.stdout) == []
+
+
+# --- the NVIDIA roles: every missing artifact of the seed's GPU stack, in the same one failure -----
+
+
+def test_offline_preflight_lists_the_seed_gpu_stack_artifacts(tmp_path):
+    """cu117 as the seed pins it, offline, nothing in the artifact directory, the driver forced (this
+    machine has no NVIDIA device): the NVIDIA roles' own preflights name every missing file and every
+    checksum the stack does not know, and nothing changes."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    variables = node_vars(tmp_path, peftnode_stack_name="cu117", peftnode_offline=True, peftnode_gpu=True,
+                          peftnode_artifact_dir=str(empty), peftnode_nvidia_driver_force=True)
+    proc = site_check(tmp_path, variables, "--tags", "nvidia_driver,cuda,nccl,cudnn")
+    assert proc.returncode != 0, explain(proc)
+    problems = preflight_problems(proc)
+    missing = f"missing: not in {empty}, no peftnode_mirror_url is set, and peftnode_offline is true"
+    no_sha = "no sha256 in the stack; record the sha256 of the file you use"
+    for component, file, has_sha in [
+        ("nvidia_driver", "NVIDIA-Linux-x86_64-515.65.01.run", False),
+        ("cuda", "cuda_11.7.1_515.65.01_linux.run", False),
+        ("nccl", "nccl_2.14.3-1+cuda11.7_x86_64.txz", False),
+        ("cudnn", "cudnn-linux-x86_64-8.8.1.3_cuda11-archive.tar.xz", True),
+    ]:
+        assert f"{component}: {file}: {missing}" in problems, problems
+        assert any(p.startswith(f"{component}: {file}: {no_sha}") for p in problems) != has_sha, problems
+    assert role_tasks_ran(proc.stdout) == []
+    assert recap(proc.stdout)["localhost"]["changed"] == 0
