@@ -7,6 +7,9 @@
 - Wheelhouse: the stack's requirements for CPython 3.11 (the container builds 3.11.2), plus a wheel
   of peftnode built from this checkout.
 - A tiny model (config.json, model.safetensors, tokenizer_config.json) written by the test.
+- NVIDIA's archives (CUDA 11.7.1 redist components with their redistrib_11.7.1.json, NCCL 2.14.3,
+  cuDNN 8.8.1.3), repacked from NVIDIA's redistributable wheels by tests/integration/nvidia_archives.py
+  and served from the same controller directory as the tarballs.
 - The test stack: stacks/cu117.yml with the pieces above swapped in, validated like any stack.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from tests.integration import nvidia_archives as nv
 from tests.integration.container import CACHE, ROOT, HarnessError, debian_mirror, log, run, sha256_file, timings
 
 # file -> (source package, suite, sha256)
@@ -102,6 +106,39 @@ def fetch_artifacts() -> Path:
         log(f"artifacts fetched and verified in {timings['artifact_fetch_s']} s")
     for extra in set(os.listdir(dest)) - set(ARTIFACTS):
         (dest / extra).unlink()
+    return dest
+
+
+# --- NVIDIA's archives ---------------------------------------------------------------------------
+
+# What the converge installs with the cuda role's redist method: the two components the wheels carry.
+CUDA_COMPONENTS = ["cuda_cudart", "cuda_nvcc"]
+
+
+def nvidia_artifacts() -> nv.Archives:
+    """NVIDIA's archives from the wheels (cached in .cache/nvidia-archives; built once, minutes)."""
+    t0 = time.monotonic()
+    archives = nv.ensure_archives()
+    timings["nvidia_archives_s"] = round(time.monotonic() - t0, 1)
+    if archives.built:
+        timings["nvidia_archives_build_s"] = round(sum(archives.seconds.values()), 1)
+        log(f"NVIDIA archives repacked from the wheels in {timings['nvidia_archives_build_s']} s: {archives.dir}")
+    timings["nvidia_archives_mb"] = {f: round(n / 1e6, 1) for f, n in archives.sizes.items()}
+    return archives
+
+
+def merged_artifact_dir(dest: Path, *sources: Path) -> Path:
+    """One controller directory (peftnode_artifact_dir) holding the files of every source, hard-linked."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in sources:
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith(".") and f.name != nv.RECORD:
+                target = dest / f.name
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(f, target)
+                except OSError:
+                    shutil.copy2(f, target)
     return dest
 
 
@@ -186,9 +223,11 @@ def write_tiny_model(dest: Path) -> dict[str, str]:
 # --- the test stack ------------------------------------------------------------------------------
 
 
-def converge_stack(model_files: dict[str, str], *, wrong_sha_for: str | None = None) -> dict:
+def converge_stack(model_files: dict[str, str], *, wrong_sha_for: str | None = None,
+                   nvidia: nv.Archives | None = None) -> dict:
     """stacks/cu117.yml turned into the converge stack; ``wrong_sha_for`` (openssl or python) gets a
-    checksum that no file has."""
+    checksum that no file has. With ``nvidia``, CUDA (redist: the manifest and its components), NCCL
+    and cuDNN are the repacked archives with their sha256."""
     from checks.stack import validate_stack
 
     data = copy.deepcopy(yaml.safe_load((ROOT / "stacks" / "cu117.yml").read_text()))
@@ -204,6 +243,14 @@ def converge_stack(model_files: dict[str, str], *, wrong_sha_for: str | None = N
     data["model"] = {"name": MODEL_NAME, "path": MODEL_PATH,
                      "files": [{"file": f, "sha256": s} for f, s in sorted(model_files.items())]}
     data["node"] = {"gpus": 0, "data_path": "/data", "min_free_gib": {"model": 0.1, "data": 0.1}}
+    if nvidia is not None:
+        data["cuda"] = {"version": nv.CUDA_VERSION, "artifact": data["cuda"]["artifact"],
+                        "redist": {"manifest": {"file": nv.MANIFEST_FILE, "sha256": nvidia.sha256(nv.MANIFEST_FILE)},
+                                   "components": list(CUDA_COMPONENTS)}}
+        data["nccl"] = {"version": nv.NCCL_VERSION, "package": "2.14.3-1+cuda11.7",
+                        "artifact": {"file": nv.NCCL_FILE, "sha256": nvidia.sha256(nv.NCCL_FILE)}}
+        data["cudnn"] = {"version": nv.CUDNN_VERSION, "package": "8.8.1.3-1.cuda11.8",
+                         "artifact": {"file": nv.CUDNN_FILE, "sha256": nvidia.sha256(nv.CUDNN_FILE)}}
     if wrong_sha_for:
         real = data[wrong_sha_for]["artifact"]["sha256"]
         data[wrong_sha_for]["artifact"]["sha256"] = hashlib.sha256(real.encode()).hexdigest()

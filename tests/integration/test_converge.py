@@ -1,8 +1,12 @@
 """Tier 3: site.yml converges a real Debian bookworm node (systemd container), offline, from real
 upstream sources, and the node then works: OpenSSL 1.1.1w and Python 3.11.2 built from the tarballs,
 the venv from the wheelhouse, the model in place, JupyterLab as an unprivileged systemd service that
-refuses unauthenticated calls. A second run changes nothing; a run with a wrong checksum in the stack
-fails before touching the installed tree; `invoke verify` inside the node passes.
+refuses unauthenticated calls; CUDA 11.7.1 (redist method), NCCL 2.14.3 and cuDNN 8.8.1.3 from
+NVIDIA's archives (repacked from NVIDIA's wheels, tests/integration/nvidia_archives.py) in their
+versioned prefixes, loadable through the loader's cache. The NVIDIA roles that need a real GPU or
+kernel module (driver, fabric manager, DCGM, nccl-tests) are left out with --skip-tags. A second run
+changes nothing; a run with a wrong checksum in the stack fails before touching the installed tree;
+`invoke verify` inside the node passes, the cuda checks without any --expect.
 
 Timings and changed counts are printed (run with -s) and kept in .cache/converge/timings.json.
 """
@@ -20,6 +24,7 @@ import urllib.request
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from tests.integration import container as ct
 from tests.integration import materials as mt
@@ -32,25 +37,39 @@ OPENSSL_PREFIX = f"/usr/local/openssl-{mt.OPENSSL_VERSION}"
 OPENSSL_LINK = "/usr/local/openssl"
 PYTHON_PREFIX = f"/usr/local/python-{mt.PYTHON_VERSION}"
 VENV_PY = f"{mt.VENV_PATH}/bin/python"
+CUDA_PREFIX = "/usr/local/cuda-11.7"
+NCCL_PREFIX = f"/usr/local/nccl-{mt.nv.NCCL_VERSION}"
+CUDNN_PREFIX = f"/usr/local/cudnn-{mt.nv.CUDNN_VERSION}"
+# The NVIDIA roles a container cannot run for real (a kernel module, a GPU); cuda, nccl and cudnn run.
+SKIP_TAGS = "nvidia_driver,fabricmanager,dcgm,nccl_tests"
 RESULTS: dict = {}  # timings and counts, printed at the end of the module
 
 
 @pytest.fixture(scope="module")
-def inputs(node, artifact_dir, wheelhouse_dir, tiny_model, tmp_path_factory):
+def nvidia(converge_host):
+    """NVIDIA's archives repacked from its wheels (built once, then cached in .cache/nvidia-archives)."""
+    return mt.nvidia_artifacts()
+
+
+@pytest.fixture(scope="module")
+def inputs(node, artifact_dir, wheelhouse_dir, tiny_model, nvidia, tmp_path_factory):
     d = tmp_path_factory.mktemp("stack")
     model_dir, model_files = tiny_model
-    good = mt.write_stack(d / "converge.yml", mt.converge_stack(model_files))
-    bad = mt.write_stack(d / "converge-bad-sha.yml", mt.converge_stack(model_files, wrong_sha_for="python"))
+    good = mt.write_stack(d / "converge.yml", mt.converge_stack(model_files, nvidia=nvidia))
+    bad = mt.write_stack(d / "converge-bad-sha.yml",
+                         mt.converge_stack(model_files, wrong_sha_for="python", nvidia=nvidia))
+    artifacts = mt.merged_artifact_dir(d / "artifacts", artifact_dir, nvidia.dir)
     extra = {
         "peftnode_stack_name": str(good),
-        "peftnode_artifact_dir": str(artifact_dir),
+        "peftnode_artifact_dir": str(artifacts),
         "peftnode_offline": True,
         "peftnode_wheelhouse": str(wheelhouse_dir),
         "peftnode_model_source_dir": str(model_dir),
         "peftnode_jupyter_password_hash": mt.jupyter_password_hash(PASSWORD),
-        "peftnode_gpu": False,
+        "peftnode_gpu": True,
+        "peftnode_cuda_method": "redist",
     }
-    print(f"\n[converge] artifacts: {sorted(p.name for p in artifact_dir.iterdir())}")
+    print(f"\n[converge] artifacts: {sorted(p.name for p in artifacts.iterdir())}")
     print(f"[converge] wheelhouse: {len(list(wheelhouse_dir.glob('*.whl')))} wheels in {wheelhouse_dir}")
     print(f"[converge] stack: {good}")
     yield SimpleNamespace(stack=good, bad_stack=bad, extra=extra, model_files=model_files)
@@ -73,7 +92,8 @@ def _changed_tasks(run: ct.AnsibleRun) -> list[str]:
 
 def _converge(node, inputs, label: str, timeout: float = 900, **overrides) -> ct.AnsibleRun:
     extra = {**inputs.extra, **overrides}
-    run = ct.playbook(node, ct.ROOT / "site.yml", extra, label=label, timeout=timeout)
+    run = ct.playbook(node, ct.ROOT / "site.yml", extra, label=label, timeout=timeout,
+                      extra_args=("--skip-tags", SKIP_TAGS))
     recap = run.recap()
     RESULTS[f"{label}_s"] = run.seconds
     RESULTS[f"{label}_rc"] = run.rc
@@ -132,6 +152,67 @@ def test_model_files_in_place(node, inputs, converged):
     assert got == inputs.model_files
 
 
+def test_nccl_and_cudnn_load_through_the_loader_and_report_their_versions(node, converged):
+    # by soname, no LD_LIBRARY_PATH: the loader finds them through the roles' ld.so.conf.d entries
+    code = ("import ctypes; n = ctypes.CDLL('libnccl.so.2'); v = ctypes.c_int(-1); "
+            "assert n.ncclGetVersion(ctypes.byref(v)) == 0; print(v.value); "
+            "c = ctypes.CDLL('libcudnn.so.8'); c.cudnnGetVersion.restype = ctypes.c_size_t; print(c.cudnnGetVersion())")
+    for python in ("/usr/bin/python3", VENV_PY):
+        assert node.ssh(f"env -u LD_LIBRARY_PATH {python} -c {shlex.quote(code)}").stdout.split() == ["21403", "8801"]
+
+
+def test_ptxas_on_the_login_path_is_cuda_11_7(node, converged):
+    out = node.ssh("bash -lc 'command -v ptxas; echo $CUDA_HOME; ptxas --version'").stdout
+    lines = out.splitlines()
+    assert lines[0] == "/usr/local/cuda/bin/ptxas" and lines[1] == "/usr/local/cuda", out
+    assert "release 11.7, V11.7.99" in out
+
+
+def test_ldconfig_resolves_the_libraries_from_the_installed_prefixes(node, converged):
+    cache = node.ssh("ldconfig -p").stdout
+    want = {"libnccl.so.2": f"{NCCL_PREFIX}/lib/", "libcudart.so.11.0": f"{CUDA_PREFIX}/lib64/",
+            **{f"libcudnn{sub}.so.8": f"{CUDNN_PREFIX}/lib/"
+               for sub in ("", "_ops_infer", "_ops_train", "_cnn_infer", "_cnn_train", "_adv_infer", "_adv_train")}}
+    for lib, where in want.items():
+        paths = [line.split("=>")[1].strip() for line in cache.splitlines() if line.strip().startswith(lib + " ")]
+        assert paths and all(p.startswith(where) for p in paths), f"{lib}: {paths}"
+
+
+def test_nvidia_layouts_and_the_manifest_homes(node, converged):
+    links = {"/usr/local/cuda": CUDA_PREFIX, f"{CUDA_PREFIX}/lib64": "lib",
+             f"{CUDA_PREFIX}/lib/libcudart.so.11.0": "libcudart.so.11.7.99",
+             f"{NCCL_PREFIX}/lib/libnccl.so": "libnccl.so.2", f"{NCCL_PREFIX}/lib/libnccl.so.2": "libnccl.so.2.14.3",
+             f"{CUDNN_PREFIX}/lib/libcudnn.so.8": "libcudnn.so.8.8.1",
+             f"{CUDNN_PREFIX}/lib/libcudnn_cnn_infer.so": "libcudnn_cnn_infer.so.8"}
+    out = node.ssh("; ".join(f"readlink {p}" for p in links)).stdout.split()
+    assert dict(zip(links, out, strict=True)) == links
+    version = json.loads(node.ssh(f"cat {CUDA_PREFIX}/version.json").stdout)
+    assert version["cuda"]["version"] == "11.7.1" and version["cuda_nvcc"]["version"] == "11.7.99"
+    manifest = yaml.safe_load(node.ssh("cat /etc/peftnode/manifest.yml").stdout)
+    assert {k: manifest["node"].get(k) for k in ("cuda_home", "nccl_home", "cudnn_home")} == {
+        "cuda_home": CUDA_PREFIX, "nccl_home": NCCL_PREFIX, "cudnn_home": CUDNN_PREFIX}
+
+
+def test_verify_finds_cuda_nccl_and_cudnn_without_expect(node, converged):
+    # cuda.torch is left out: the converge venv has CPU torch (node.gpus is 0, so it would only skip)
+    only = "cuda.toolkit,cuda.nccl,cuda.cudnn"
+    cmd = (f"cd /opt/peftnode && {mt.VENV_PATH}/bin/invoke verify --only {only} --json /tmp/verify-cuda.json "
+           "--no-progress")
+    run = node.ssh(cmd, check=False, timeout=300)
+    report = json.loads(node.ssh("cat /tmp/verify-cuda.json").stdout)
+    got = {r["name"]: r for r in report["results"]}
+    summary = {name: f"{r['status']}: {r['message']}" for name, r in got.items()}
+    print(f"\n[converge] verify --only {only}: exit {run.returncode}; {json.dumps(summary, indent=1)}")
+    RESULTS["verify_cuda"] = {name: r["status"] for name, r in got.items()}
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert got["cuda.nccl"]["status"] == "pass" and NCCL_PREFIX in got["cuda.nccl"]["message"], summary
+    assert got["cuda.cudnn"]["status"] == "pass" and CUDNN_PREFIX in got["cuda.cudnn"]["message"], summary
+    toolkit = got["cuda.toolkit"]
+    # NVIDIA's nvcc wheel has ptxas but no nvcc binary: the toolkit check warns about exactly that
+    assert toolkit["status"] == "pass" or (toolkit["status"] == "warn" and "bin/nvcc is absent" in toolkit["message"]
+                                           and "ptxas V11.7.99" in toolkit["message"]), summary
+
+
 def test_jupyterlab_runs_unprivileged(node, converged):
     assert node.ssh("systemctl is-active jupyterlab", check=False).stdout.strip() == "active"
     user = node.ssh("systemctl show -p User --value jupyterlab").stdout.strip()
@@ -184,9 +265,9 @@ def test_second_converge_changes_nothing(node, inputs, converged):
 
 def _tree_fingerprint(node) -> str:
     """Every path, size, mode and mtime under the installed prefixes and the venv."""
-    paths = " ".join([OPENSSL_PREFIX, PYTHON_PREFIX, mt.VENV_PATH])
+    paths = " ".join([OPENSSL_PREFIX, PYTHON_PREFIX, mt.VENV_PATH, CUDA_PREFIX, NCCL_PREFIX, CUDNN_PREFIX])
     cmd = (f"find {paths} -xdev -printf '%p %s %m %T@ %l\\n' | sort | sha256sum; "
-           f"readlink {OPENSSL_LINK}")
+           f"readlink {OPENSSL_LINK} /usr/local/cuda")
     return node.ssh(cmd).stdout
 
 
