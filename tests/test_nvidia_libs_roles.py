@@ -365,6 +365,14 @@ def test_preflight_reports_what_cannot_work(local, tmp_path):
     (tmp_path / "vars.json").write_text(json.dumps(variables))
     pre = _preflight(run("--tags", "preflight"))
     assert [p for p in pre["problems"] if "cuda_nvcc: not in the manifest" in p], pre
+    # the repo method cannot honour another prefix: NVIDIA's packages install into /usr/local/cuda-X.Y
+    variables.update(peftnode_cuda_method="repo", peftnode_cuda_repo_packages=["peftnode-no-such-package-cuda"])
+    (tmp_path / "vars.json").write_text(json.dumps(variables))
+    pre = _preflight(run("--tags", "preflight"))
+    assert [p for p in pre["problems"] if p.startswith("cuda: peftnode_cuda_method is repo, whose packages install "
+                                                       "into /usr/local/cuda-11.7, but peftnode_cuda_prefix is ")], pre
+    assert "cuda: package peftnode-no-such-package-cuda is not offered by any repository configured on the node; " \
+           "configure the NVIDIA CUDA repository, or use peftnode_cuda_method runfile or redist" in pre["problems"]
 
 
 # --- verify's side: the versioned prefixes are searched by default --------------------------------
