@@ -19,7 +19,8 @@ no pkg-config file. Every library of the wheels is included (cuDNN's six sub-lib
 
 Everything is cached under ``.cache/nvidia-archives/<key>/`` (git-ignored), the key being a hash of
 the wheels' sha256 sums, the layout revision and the xz settings; never committed. xz runs with
-fast settings (``-T0 -1``): the point is NVIDIA's format and layout, not the ratio.
+fast settings (LZMA2 preset 0 with a short match search, about half the CPU of ``-1`` for a 14 %
+larger cuDNN archive): the point is NVIDIA's format and layout, not the ratio.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from tests.helpers import cuda_prefix
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "nvidia-archives"
 LAYOUT_REVISION = 1
-XZ = ["xz", "-T0", "-1", "-c"]
+XZ = ["xz", "-T0", "--lzma2=preset=0,nice=8,depth=1", "-c"]
 MTIME = 1659484800  # 2022-08-03, CUDA 11.7.1's release date: reproducible tar members
 
 CUDA_VERSION = "11.7.1"
