@@ -579,6 +579,17 @@ class AnsibleRun:
                 counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
         return counts
 
+    def changed_tasks(self) -> list[str]:
+        """Every task and handler that reported changed, by name, for a readable idempotence failure."""
+        task, out = None, []
+        for line in self.output.splitlines():
+            m = re.match(r"(?:TASK|RUNNING HANDLER) \[(.*)\]", line)
+            if m:
+                task = m.group(1)
+            elif line.startswith("changed:") and task:
+                out.append(task)
+        return out
+
     def tail(self, n: int = 80) -> str:
         return "\n".join(self.output.splitlines()[-n:])
 

@@ -78,18 +78,6 @@ def inputs(node, artifact_dir, wheelhouse_dir, tiny_model, nvidia, tmp_path_fact
     (ct.CACHE / "timings.json").write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
 
 
-def _changed_tasks(run: ct.AnsibleRun) -> list[str]:
-    """'TASK name' for every task that reported changed, for a readable idempotence failure."""
-    task, out = None, []
-    for line in run.output.splitlines():
-        m = re.match(r"TASK \[(.*)\]", line)
-        if m:
-            task = m.group(1)
-        elif line.startswith("changed:") and task:
-            out.append(task)
-    return out
-
-
 def _converge(node, inputs, label: str, timeout: float = 900, **overrides) -> ct.AnsibleRun:
     extra = {**inputs.extra, **overrides}
     run = ct.playbook(node, ct.ROOT / "site.yml", extra, label=label, timeout=timeout,
@@ -260,7 +248,7 @@ def test_jupyterlab_accepts_the_password(converged):
 def test_second_converge_changes_nothing(node, inputs, converged):
     second = _converge(node, inputs, "converge2")
     assert second.rc == 0, second.tail(120)
-    assert second.recap().get("changed") == 0, f"changed tasks: {_changed_tasks(second)}"
+    assert second.recap().get("changed") == 0, f"changed tasks: {second.changed_tasks()}"
 
 
 def _tree_fingerprint(node) -> str:

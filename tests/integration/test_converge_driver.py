@@ -221,16 +221,6 @@ def _run(node, inputs, label: str, extra_args: tuple[str, ...] = (), **overrides
     return run
 
 
-def _changed_tasks(run: ct.AnsibleRun) -> list[str]:
-    task, out = None, []
-    for line in run.output.splitlines():
-        if m := re.match(r"TASK \[(.*)\]", line):
-            task = m.group(1)
-        elif line.startswith("changed:") and task:
-            out.append(task)
-    return out
-
-
 def _ran(run: ct.AnsibleRun, task: str) -> bool:
     """Whether a task ran (ok/changed) rather than being skipped."""
     block = run.output.split(f"TASK [{task}]", 1)
@@ -378,7 +368,7 @@ def test_second_run_changes_nothing(node, inputs, converged):
     before = _calls(node)
     second = _run(node, inputs, "driver2")
     assert second.rc == 0, second.tail(60)
-    assert second.recap().get("changed") == 0, f"changed tasks: {_changed_tasks(second)}"
+    assert second.recap().get("changed") == 0, f"changed tasks: {second.changed_tasks()}"
     assert "nvidia_driver: NVIDIA-Linux-x86_64-515.65.01.run: needed=False" in second.output
     # fabric manager detected (auto): its tasks ran, and found everything in place
     assert _ran(second, "peftnode_fabricmanager : Ask fabric manager for its version")
@@ -411,7 +401,7 @@ def test_fabricmanager_from_the_archive(node, from_archive):
     run = from_archive
     assert run.rc == 0, run.tail(60)
     assert f"fabricmanager: {FM_ARCHIVE}: needed=True" in run.output
-    changed = _changed_tasks(run)
+    changed = run.changed_tasks()
     assert {t.split(" : ")[0] for t in changed} <= {"peftnode_fabricmanager", "peftnode_artifact"}, changed
     assert node.ssh("nv-fabricmanager --version").stdout.strip() == f"Fabric Manager version is : {DRIVER}"
     for path in ("/etc/systemd/system/nvidia-fabricmanager.service", "/usr/share/nvidia/nvswitch/fabricmanager.cfg",
@@ -433,7 +423,7 @@ def test_node_without_nvidia_devices_gets_no_driver_and_fabricmanager_only_when_
     run = _run(node, inputs, "driver4_no_gpu", peftnode_stack_name=inputs.archive_stack,
                peftnode_nvidia_driver_sysfs_root="/sys", peftnode_fabricmanager_sysfs_root="/sys",
                peftnode_fabricmanager=True)
-    assert run.rc == 0 and run.recap().get("changed") == 0, f"{run.tail(60)}\nchanged: {_changed_tasks(run)}"
+    assert run.rc == 0 and run.recap().get("changed") == 0, f"{run.tail(60)}\nchanged: {run.changed_tasks()}"
     text = " ".join(run.output.split())
     assert "No NVIDIA GPU on peftnode-ci" in text and "the NVIDIA driver is not installed" in text
     assert not _ran(run, "peftnode_nvidia_driver : Blacklist nouveau")

@@ -11,7 +11,6 @@ answering ``--version`` like DCGM 3.x, ``/usr/bin/nv-hostengine`` that only slee
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,18 +68,6 @@ def build_deb(directory: Path) -> Path:
     return out
 
 
-def changed(run: ct.AnsibleRun) -> list[str]:
-    """Every task and handler that reported changed."""
-    task, out = None, []
-    for line in run.output.splitlines():
-        m = re.match(r"(?:TASK|RUNNING HANDLER) \[(.*)\]", line)
-        if m:
-            task = m.group(1)
-        elif line.startswith("changed:") and task:
-            out.append(task)
-    return out
-
-
 @pytest.fixture(scope="module")
 def dcgm_inputs(node, tmp_path_factory):
     if shutil.which("dpkg-deb") is None:
@@ -114,7 +101,7 @@ def converge(node, inputs, label: str, **overrides) -> ct.AnsibleRun:
 def test_the_package_artifact_is_installed_and_its_host_engine_runs(node, dcgm_inputs):
     first = converge(node, dcgm_inputs, "dcgm-artifact")
     assert first.rc == 0, first.tail()
-    done = changed(first)
+    done = first.changed_tasks()
     assert "peftnode_artifact : Copy the artifact to the node" in done
     assert "peftnode_dcgm : Install the DCGM package file with apt" in done
     assert "peftnode_dcgm : Enable and start the DCGM host engine (nvidia-dcgm)" in done
@@ -126,12 +113,12 @@ def test_the_package_artifact_is_installed_and_its_host_engine_runs(node, dcgm_i
 
     second = converge(node, dcgm_inputs, "dcgm-artifact-again")
     assert second.rc == 0, second.tail()
-    assert second.recap()["changed"] == 0, changed(second)
+    assert second.recap()["changed"] == 0, second.changed_tasks()
 
     # the repo method on the same node: DCGM is at the stack's version already, so nothing to do
     repo = converge(node, dcgm_inputs, "dcgm-repo-current", peftnode_dcgm_method="repo")
     assert repo.rc == 0, repo.tail()
-    assert repo.recap()["changed"] == 0, changed(repo)
+    assert repo.recap()["changed"] == 0, repo.changed_tasks()
 
 
 def test_the_repo_method_without_nvidias_repository_fails_naming_the_packages(node, dcgm_inputs):
