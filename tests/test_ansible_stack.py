@@ -9,6 +9,7 @@ object per line when ANSIBLE_CALLBACK_RESULT_FORMAT=json and ANSIBLE_CALLBACK_FO
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -257,11 +258,24 @@ def test_site_refuses_a_malformed_stack_before_checking_anything_else(tmp_path):
 
 
 def test_site_refuses_an_unsupported_os_with_a_clear_message(tmp_path):
-    # No supported release at all: whatever this machine runs, the assert must fail and say why.
-    no_os = json.dumps({"peftnode_supported_redhat_versions": [], "peftnode_supported_debian_distributions": []})
-    proc = site_check_run(tmp_path, "-e", no_os)
+    # Only CentOS 7 supported: whatever else this machine runs, the assert must fail and say why.
+    if platform.freedesktop_os_release().get("ID") == "centos":
+        pytest.skip("this machine runs CentOS, the one release left in the list")
+    only = [{"id": "centos", "distribution": "CentOS", "releases": ["7"]}]
+    proc = site_check_run(tmp_path, "-e", json.dumps({"peftnode_supported_os": only}))
     assert proc.returncode != 0, explain(proc)
     failed = result_of(proc.stdout, "Check the operating system is one peftnode supports")
     assert failed["status"] == "fatal"
     msg = failed["result"]["msg"]
-    assert re.match(r"localhost runs \S+ \S+ \(OS family \S+\); peftnode supports RedHat-family releases", msg), msg
+    assert re.match(r"localhost runs \S+ \S+; peftnode provisions CentOS 7 \(checks/supported_os\.yml\)\.$", msg), msg
+
+
+def test_site_and_verify_read_one_list_of_supported_releases():
+    """site.yml's OS assert and verify's system.os read the same file."""
+    from checks import system
+
+    plays = yaml.safe_load((REPO / "site.yml").read_text())
+    assert "checks/supported_os.yml" in plays[0]["vars"]["peftnode_supported_os"]
+    listed = yaml.safe_load(system.SUPPORTED_OS_FILE.read_text())
+    assert system.SUPPORTED_OS == {e["id"]: tuple(e["releases"]) for e in listed}
+    assert {"CentOS", "Rocky", "AlmaLinux", "RedHat", "Debian", "Ubuntu"} == {e["distribution"] for e in listed}
