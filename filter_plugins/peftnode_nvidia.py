@@ -8,20 +8,22 @@ unit-tested on captured inputs (tests/test_nvidia_decisions.py) without a GPU.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
-NVIDIA_VENDOR = 0x10DE
+# The rules verify applies to the same facts come from the checks package: this checkout's copy (as
+# lookup_plugins/peftnode_stack.py does), else an installed one.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_REPO, "checks", "__init__.py")) and _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from checks.gpu.driver import parse_proc_version  # noqa: E402
+from checks.gpu.fabricmanager import NVIDIA_VENDOR, is_nvswitch  # noqa: E402
+from checks.gpu.fabricmanager import VERSION_RX as DRIVER_VERSION_RX  # noqa: E402
+
 # PCI class codes (sysfs "class" is 0xCCSSPP: class, subclass, programming interface).
 DISPLAY_CLASS = 0x03  # 0x0300 VGA, 0x0302 3D controller: a GPU
-OTHER_BRIDGE_CLASS = 0x0680  # what NVSwitches present themselves as
-# NVSwitch device ids seen in the wild (FACTS.md, gpud detect_nvswitch testdata): HGX A100/A800
-# (second-generation NVSwitch) and HGX H100/H800 (third generation). Any NVIDIA device of class 0x0680
-# counts as well; these are recognised even when a kernel or firmware reports another class.
-NVSWITCH_DEVICE_IDS = frozenset({0x1AF1, 0x22A3})
-
-DRIVER_VERSION_RX = re.compile(r"(?<![\d.])(\d{3}\.\d{1,3}(?:\.\d{1,3})?)(?![\d.])")
-# /proc/driver/nvidia/version: "NVRM version: NVIDIA UNIX x86_64 Kernel Module  515.65.01  Wed Jul ..."
-NVRM_RX = re.compile(r"NVRM version:.*?\s(\d{3}\.\d+(?:\.\d+)?)\s")
 METHODS = ("runfile", "repo")
 FABRICMANAGER_SETTINGS = ("auto", "true", "false")
 # runfile options that undo what the role asks of the installer (DKMS, no questions).
@@ -80,9 +82,7 @@ def nvidia_nvswitches(devices) -> list[dict]:
     """The NVSwitches among PCI devices: NVIDIA bridges of class 0x0680, or a known NVSwitch id."""
     found = []
     for d in map(_as_device, devices or []):
-        if d["vendor"] != NVIDIA_VENDOR or d["class"] is None:
-            continue
-        if d["class"] >> 8 == OTHER_BRIDGE_CLASS or d["device"] in NVSWITCH_DEVICE_IDS:
+        if is_nvswitch(d["vendor"], d["class"], d["device"]):
             found.append(d)
     return found
 
@@ -101,8 +101,7 @@ def nvidia_version_from(text, source: str = "text") -> str | None:
     'text' for anything else with one version in it (modinfo -F version, nv-fabricmanager --version)."""
     text = str(text or "")
     if source == "proc":
-        m = NVRM_RX.search(text)
-        return m.group(1) if m else None
+        return parse_proc_version(text)
     if source == "smi":
         versions = {line.strip() for line in text.splitlines() if line.strip()}
         if len(versions) == 1:

@@ -12,15 +12,22 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+import sys
+
+# Header parsing is verify's (checks/cudalibs.py): this checkout's copy of the checks package, as
+# lookup_plugins/peftnode_stack.py finds it, else an installed one.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_REPO, "checks", "__init__.py")) and _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from checks.cudalibs import parse_cuda_runtime_header, parse_cudnn_header, parse_nccl_header  # noqa: E402
 
 PLATFORM = "linux-x86_64"
 
-HEADER_FIELDS = {
-    "nccl": ("NCCL_MAJOR", "NCCL_MINOR", "NCCL_PATCH"),
-    "cudnn": ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL"),
-}
+HEADER_PARSERS = {"nccl": parse_nccl_header, "cudnn": parse_cudnn_header, "cudart": parse_cuda_runtime_header}
 
 
 class RedistError(ValueError):
@@ -113,15 +120,8 @@ def cuda_installed(version_json, compiler_out: str | None, stack_version: str, m
 
 def header_version(text: str | None, kind: str) -> str | None:
     """'2.14.3' from nccl.h, '8.8.1' from cudnn_version.h, '11.7' from cuda_runtime_api.h; None when absent."""
-    defines = {m.group(1): int(m.group(2)) for m in
-               re.finditer(r"^[ \t]*#[ \t]*define[ \t]+(\w+)[ \t]+(\d+)\b", text or "", re.MULTILINE)}
-    if kind == "cudart":
-        code = defines.get("CUDART_VERSION")
-        return f"{code // 1000}.{(code % 1000) // 10}" if code is not None else None
-    names = HEADER_FIELDS[kind]
-    if not set(names) <= defines.keys():
-        return None
-    return ".".join(str(defines[n]) for n in names)
+    found = HEADER_PARSERS[kind](text or "")
+    return ".".join(str(part) for part in found) if found else None
 
 
 def version_matches(found: str | None, wanted: str) -> bool:

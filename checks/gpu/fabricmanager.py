@@ -55,13 +55,19 @@ def _hex(path: Path) -> int | None:
         return None
 
 
+def is_nvswitch(vendor: int | None, klass: int | None, device: int | None) -> bool:
+    """An NVIDIA PCI device of class 0x0680xx, or one of the known NVSwitch ids whatever class a kernel
+    or firmware reports. The one rule: the fabricmanager role's filter (filter_plugins/) uses it too."""
+    return vendor == NVIDIA_VENDOR and klass is not None and (klass >> 8 == NVSWITCH_CLASS
+                                                             or device in NVSWITCHES_PER_BOARD)
+
+
 def count_nvswitches(sysfs: Path = SYSFS) -> dict[int, int]:
     """NVSwitches in sysfs (vendor 0x10de, class 0x0680xx), counted per device id."""
     found: dict[int, int] = {}
     for dev in sorted((sysfs / "bus" / "pci" / "devices").glob("*")):
         vendor, klass, device = (_hex(dev / name) for name in ("vendor", "class", "device"))
-        if vendor == NVIDIA_VENDOR and klass is not None and (klass >> 8 == NVSWITCH_CLASS
-                                                               or device in NVSWITCHES_PER_BOARD):
+        if is_nvswitch(vendor, klass, device):
             found[device or 0] = found.get(device or 0, 0) + 1
     return found
 
