@@ -598,48 +598,109 @@ def ansible(node: Container, *args: str, timeout: float = 300) -> AnsibleRun:
     return _ansible_run(node, [ansible_bin("ansible"), "-i", str(node.inventory), "all", *args], timeout)
 
 
+def _playbook_argv(node: Container, playbook_path: Path, extra_vars: dict, label: str,
+                   extra_args: tuple[str, ...]) -> list[str]:
+    vars_file = node.dir / f"{label}.vars.json"
+    vars_file.write_text(json.dumps(extra_vars, indent=2))
+    return [ansible_bin("ansible-playbook"), "-i", str(node.inventory), "-e", f"@{vars_file}",
+            *extra_args, str(playbook_path)]
+
+
 def playbook(node: Container, playbook_path: Path, extra_vars: dict, *, label: str,
              timeout: float = 2400, extra_args: tuple[str, ...] = ()) -> AnsibleRun:
     """ansible-playbook with ``extra_vars`` (as a JSON file, so booleans stay booleans); the full
     output is kept in the container's directory as ``<label>.log`` and streamed to stderr."""
-    vars_file = node.dir / f"{label}.vars.json"
-    vars_file.write_text(json.dumps(extra_vars, indent=2))
-    argv = [ansible_bin("ansible-playbook"), "-i", str(node.inventory), "-e", f"@{vars_file}",
-            *extra_args, str(playbook_path)]
+    argv = _playbook_argv(node, playbook_path, extra_vars, label, extra_args)
     return _ansible_run(node, argv, timeout, node.dir / f"{label}.log")
 
 
-def _ansible_run(node: Container, argv: list[str], timeout: float, logfile: Path | None = None) -> AnsibleRun:
-    log(f"$ {shlex.join(argv)}")
-    t0 = time.monotonic()
-    lines: list[str] = []
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=node.ansible_env(), cwd=ROOT, start_new_session=True)
-    timed_out = threading.Event()
+def start_playbook(node: Container, playbook_path: Path, extra_vars: dict, *, label: str,
+                   timeout: float = 2400, extra_args: tuple[str, ...] = ()) -> PlaybookProcess:
+    """Like ``playbook`` but returns at once: the run goes on in the background (to interrupt it,
+    or to run two at once)."""
+    argv = _playbook_argv(node, playbook_path, extra_vars, label, extra_args)
+    return PlaybookProcess(node, argv, timeout, node.dir / f"{label}.log")
 
-    def kill():
-        timed_out.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
-    watchdog = threading.Timer(timeout, kill)
-    watchdog.start()
-    try:
+class PlaybookProcess:
+    """One ansible-playbook (or ansible) in its own process group, its output read by a thread:
+    ``wait_for`` a line, ``interrupt`` it as Ctrl-C does (SIGINT to the whole process group), ``wait``
+    for the AnsibleRun. A watchdog SIGKILLs the group after ``timeout`` seconds."""
+
+    def __init__(self, node: Container, argv: list[str], timeout: float, logfile: Path | None = None):
+        log(f"$ {shlex.join(argv)}")
+        self.argv = argv
+        self.t0 = time.monotonic()
+        self.lines: list[str] = []
+        self.interrupted_at: float | None = None
+        self._cond = threading.Condition()
+        self._timed_out = threading.Event()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=node.ansible_env(), cwd=ROOT, start_new_session=True)
+        self.pid = self.proc.pid
+        self._watchdog = threading.Timer(timeout, self._kill)
+        self._watchdog.start()
+        self._reader = threading.Thread(target=self._read, args=(logfile,), daemon=True)
+        self._reader.start()
+
+    def _read(self, logfile: Path | None) -> None:
         with open(logfile, "w") if logfile else contextlib.nullcontext() as fh:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
                 if fh:
                     fh.write(line)
                     fh.flush()
                     sys.stderr.write(line)
-            rc = proc.wait()
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            kill()
-            proc.wait()
-    if timed_out.is_set():
-        lines.append(f"[converge] killed after {timeout:.0f} s")
-        rc = 124
-    return AnsibleRun(argv, rc, "\n".join(lines), round(time.monotonic() - t0, 1))
+        with self._cond:
+            self._cond.notify_all()
+
+    def _kill(self) -> None:
+        self._timed_out.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait_for(self, pattern: str, timeout: float) -> str | None:
+        """The first output line matching ``pattern`` (a regex), waiting for it up to ``timeout``
+        seconds; None when the run ended or the time ran out first."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if rx.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (not self._reader.is_alive() and seen == len(self.lines)):
+                    return None
+                self._cond.wait(min(left, 1.0))
+
+    def interrupt(self, sig: int = signal.SIGINT) -> None:
+        """What Ctrl-C in the terminal does: ``sig`` to every process of the run's process group."""
+        self.interrupted_at = round(time.monotonic() - self.t0, 1)
+        log(f"sending {signal.Signals(sig).name} to the process group of {self.proc.pid} "
+            f"after {self.interrupted_at} s")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> AnsibleRun:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            rc = self.proc.wait()
+        self._reader.join(30)
+        self._watchdog.cancel()
+        lines = list(self.lines)
+        if self._timed_out.is_set():
+            lines.append("[converge] killed by the watchdog")
+            rc = 124
+        return AnsibleRun(self.argv, rc, "\n".join(lines), round(time.monotonic() - self.t0, 1))
+
+
+def _ansible_run(node: Container, argv: list[str], timeout: float, logfile: Path | None = None) -> AnsibleRun:
+    return PlaybookProcess(node, argv, timeout, logfile).wait()
