@@ -566,6 +566,21 @@ class AnsibleRun:
     rc: int
     output: str
     seconds: float
+    task_timings: list[dict] = field(default_factory=list)  # PEFTNODE_TIMINGS lines, when written
+
+    def seconds_by_role(self) -> dict[str, float]:
+        """Where the run's time went: seconds per role (tasks outside a role under "play")."""
+        out: dict[str, float] = {}
+        for t in self.task_timings:
+            if "seconds" in t and "task" in t:
+                role = t.get("role") or "play"
+                out[role] = round(out.get(role, 0.0) + float(t["seconds"]), 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def slowest_tasks(self, n: int = 8) -> list[tuple[str, float]]:
+        tasks = [(f"{t.get('role') or 'play'}: {t['task']}", float(t["seconds"]))
+                 for t in self.task_timings if "seconds" in t and "task" in t]
+        return sorted(tasks, key=lambda kv: -kv[1])[:n]
 
     def recap(self, host: str = "peftnode-ci") -> dict[str, int]:
         """The host's PLAY RECAP counters (ok, changed, unreachable, failed, skipped, ...)."""
@@ -611,7 +626,8 @@ def playbook(node: Container, playbook_path: Path, extra_vars: dict, *, label: s
     """ansible-playbook with ``extra_vars`` (as a JSON file, so booleans stay booleans); the full
     output is kept in the container's directory as ``<label>.log`` and streamed to stderr."""
     argv = _playbook_argv(node, playbook_path, extra_vars, label, extra_args)
-    return _ansible_run(node, argv, timeout, node.dir / f"{label}.log")
+    return PlaybookProcess(node, argv, timeout, node.dir / f"{label}.log",
+                           timings=node.dir / f"{label}.timings.jsonl").wait()
 
 
 def start_playbook(node: Container, playbook_path: Path, extra_vars: dict, *, label: str,
@@ -619,7 +635,7 @@ def start_playbook(node: Container, playbook_path: Path, extra_vars: dict, *, la
     """Like ``playbook`` but returns at once: the run goes on in the background (to interrupt it,
     or to run two at once)."""
     argv = _playbook_argv(node, playbook_path, extra_vars, label, extra_args)
-    return PlaybookProcess(node, argv, timeout, node.dir / f"{label}.log")
+    return PlaybookProcess(node, argv, timeout, node.dir / f"{label}.log", timings=node.dir / f"{label}.timings.jsonl")
 
 
 class PlaybookProcess:
@@ -627,8 +643,14 @@ class PlaybookProcess:
     ``wait_for`` a line, ``interrupt`` it as Ctrl-C does (SIGINT to the whole process group), ``wait``
     for the AnsibleRun. A watchdog SIGKILLs the group after ``timeout`` seconds."""
 
-    def __init__(self, node: Container, argv: list[str], timeout: float, logfile: Path | None = None):
+    def __init__(self, node: Container, argv: list[str], timeout: float, logfile: Path | None = None,
+                 timings: Path | None = None):
         log(f"$ {shlex.join(argv)}")
+        env = node.ansible_env()
+        self.timings = timings
+        if timings is not None:  # one JSON line per task (callback_plugins/peftnode_progress.py)
+            timings.unlink(missing_ok=True)
+            env["PEFTNODE_TIMINGS"] = str(timings)
         self.argv = argv
         self.t0 = time.monotonic()
         self.lines: list[str] = []
@@ -636,7 +658,7 @@ class PlaybookProcess:
         self._cond = threading.Condition()
         self._timed_out = threading.Event()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=node.ansible_env(), cwd=ROOT, start_new_session=True)
+                                     env=env, cwd=ROOT, start_new_session=True)
         self.pid = self.proc.pid
         self._watchdog = threading.Timer(timeout, self._kill)
         self._watchdog.start()
@@ -699,7 +721,18 @@ class PlaybookProcess:
         if self._timed_out.is_set():
             lines.append("[converge] killed by the watchdog")
             rc = 124
-        return AnsibleRun(self.argv, rc, "\n".join(lines), round(time.monotonic() - self.t0, 1))
+        return AnsibleRun(self.argv, rc, "\n".join(lines), round(time.monotonic() - self.t0, 1),
+                          _read_timings(self.timings))
+
+
+def _read_timings(path: Path | None) -> list[dict]:
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
 
 
 def _ansible_run(node: Container, argv: list[str], timeout: float, logfile: Path | None = None) -> AnsibleRun:

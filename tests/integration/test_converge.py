@@ -86,7 +86,10 @@ def _converge(node, inputs, label: str, timeout: float = 900, **overrides) -> ct
     RESULTS[f"{label}_s"] = run.seconds
     RESULTS[f"{label}_rc"] = run.rc
     RESULTS[f"{label}_recap"] = recap
+    RESULTS[f"{label}_seconds_by_role"] = run.seconds_by_role()
+    RESULTS[f"{label}_slowest_tasks"] = run.slowest_tasks()
     print(f"\n[converge] {label}: rc={run.rc} in {run.seconds} s; recap {recap}")
+    print(f"[converge] {label}: seconds by role {run.seconds_by_role()}")
     return run
 
 
@@ -247,6 +250,10 @@ def test_jupyterlab_accepts_the_password(converged):
 
 def test_second_converge_changes_nothing(node, inputs, converged):
     second = _converge(node, inputs, "converge2")
+    # the figure the README quotes (the goal is <= 10 %); measured, not asserted: the machine is shared
+    RESULTS["no_change_ratio"] = round(second.seconds / converged.seconds, 3)
+    print(f"[converge] no-change run: {second.seconds} s = {RESULTS['no_change_ratio']:.1%} of the first converge "
+          f"({converged.seconds} s)")
     assert second.rc == 0, second.tail(120)
     assert second.recap().get("changed") == 0, f"changed tasks: {second.changed_tasks()}"
 
