@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -283,3 +284,164 @@ def test_acquire_stops_the_steps_an_interrupted_run_left(python, lock, holders, 
     finally:
         mine.send_signal(signal.SIGTERM)
         mine.wait(timeout=10)
+
+
+# --- the lock tasks, through ansible-playbook (connection local) -----------------------------------
+
+ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+
+# site.yml's provisioning play in small: the lock first, the work in a block whose always: releases it
+PLAYBOOK = """\
+- name: Provision the node
+  hosts: all
+  gather_facts: false
+  pre_tasks:
+    - name: Take the node lock
+      ansible.builtin.import_role:
+        name: peftnode
+        tasks_from: lock
+      tags: [always]
+  tasks:
+    - name: Work, then release the node lock
+      block:
+        - name: Work until told to stop
+          ansible.builtin.wait_for:
+            path: "{{ go_file }}"
+            timeout: 120
+        - name: Fail where asked
+          ansible.builtin.fail:
+            msg: this host fails
+          when: fail_here | default(false) | bool
+      always:
+        - name: Release the node lock
+          ansible.builtin.import_role:
+            name: peftnode
+            tasks_from: unlock
+          tags: [always]
+"""
+
+
+@pytest.fixture
+def play(tmp_path):
+    """Start the small play with this host's lock under tmp_path; (Popen, stdout file) each time."""
+    from tests.helpers.ansible_env import ansible_env
+
+    if not ANSIBLE_PLAYBOOK.exists():
+        pytest.skip(f"no ansible-playbook next to {sys.executable}")
+    book = tmp_path / "play.yml"
+    book.write_text(PLAYBOOK)
+    started = []
+
+    def start(label: str, *extra: str, hosts: str = "localhost,", **variables):
+        values = {"ansible_python_interpreter": sys.executable, "go_file": str(tmp_path / "go"),
+                  "peftnode_lock_path": str(tmp_path / "lock" / "peftnode.lock"),
+                  "peftnode_lock_script": str(tmp_path / "bin" / "peftnode-lock"),
+                  "peftnode_steps_dir": str(tmp_path / "steps"), **variables}
+        log = tmp_path / f"{label}.out"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([str(ANSIBLE_PLAYBOOK), "-i", hosts, "-c", "local", str(book),
+                                     "-e", json.dumps(values), *extra], cwd=REPO, stdout=out,
+                                    stderr=subprocess.STDOUT, env=ansible_env(tmp_path), start_new_session=True)
+        started.append(proc)
+        return proc, log
+
+    yield start
+    (tmp_path / "go").touch()
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    status = lock_status(tmp_path / "lock" / "peftnode.lock")
+    if status.get("held"):
+        os.kill(status["holder"]["holder_pid"], signal.SIGKILL)
+
+
+def lock_status(path: Path) -> dict:
+    return call(sys.executable, "status", "--lock", path)[1]
+
+
+def wait_held(path: Path, proc, seconds: float = 120) -> dict:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        status = lock_status(path) if path.exists() else {}
+        if status.get("held"):
+            return status["holder"]
+        assert proc.poll() is None, "the playbook ended before it took the lock"
+        time.sleep(0.2)
+    raise AssertionError(f"nobody took {path}")
+
+
+@pytest.mark.slow
+def test_a_second_run_fails_naming_the_first_or_waits_for_it(play, tmp_path):
+    lock_file = tmp_path / "lock" / "peftnode.lock"
+    first, first_log = play("first")
+    holder = wait_held(lock_file, first)
+    assert holder["owner"]["pid"] == first.pid and holder["owner"]["ansible_playbook"] is True
+
+    refused, refused_log = play("refused", peftnode_lock_wait=0)
+    assert refused.wait(timeout=120) != 0
+    out = refused_log.read_text()
+    fatal = [line for line in out.splitlines() if line.startswith("fatal: [localhost]")]
+    assert len(fatal) == 1, out
+    message = json.loads(fatal[0].split(" => ", 1)[1])["msg"]
+    assert f"ansible-playbook PID {first.pid} on {socket.gethostname()}" in message, message
+    assert f"started {holder['owner']['started_at']}" in message
+    assert f"through PID {holder['holder_pid']} on the node" in message
+    assert f"break --lock {lock_file} --holder-pid {holder['holder_pid']} " in message
+    assert lock_status(lock_file)["holder"] == holder  # the refused run took nothing
+
+    waiting, waiting_log = play("waiting", peftnode_lock_wait=120)
+    time.sleep(1)
+    deadline = time.time() + 60
+    while "waiting up to 120 s" not in waiting_log.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    assert lock_status(lock_file)["holder"] == holder
+    (tmp_path / "go").touch()
+    assert first.wait(timeout=120) == 0, first_log.read_text()
+    assert waiting.wait(timeout=120) == 0, waiting_log.read_text()
+    out = waiting_log.read_text()
+    assert (f"waiting up to 120 s for the peftnode run holding {lock_file} on localhost: "
+            f"ansible-playbook PID {first.pid} on {socket.gethostname()} started {holder['owner']['started_at']} "
+            f"(holder PID {holder['holder_pid']})") in out
+    status = lock_status(lock_file)
+    assert status["held"] is False and status["previous"]["owner"]["pid"] == waiting.pid
+
+
+@pytest.mark.slow
+def test_a_run_takes_over_the_lock_of_a_killed_run_and_stops_its_steps(play, tmp_path):
+    lock_file = tmp_path / "lock" / "peftnode.lock"
+    first, _ = play("first")
+    holder = wait_held(lock_file, first)
+    # the killed run had a long step going on the node
+    step = subprocess.Popen([sys.executable, str(tmp_path / "bin" / "peftnode-lock"), "run", "--steps-dir",
+                             tmp_path / "steps", "--run-id", holder["run_id"], "--name", "make", "--",
+                             "sleep", "300"], start_new_session=True)
+    deadline = time.time() + 10
+    while not list((tmp_path / "steps").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # as a controller killed outright: no release
+    first.wait()
+    assert lock_status(lock_file)["holder"] == holder  # the holder outlives its run
+
+    (tmp_path / "go").touch()
+    second, second_log = play("second", peftnode_lock_wait=0)
+    assert second.wait(timeout=120) == 0, second_log.read_text()
+    out = second_log.read_text()
+    assert (f"the run that held {lock_file} (ansible-playbook PID {first.pid}, started "
+            f"{holder['owner']['started_at']}) is gone: taking it over") in out
+    assert "stopped 1 step(s) left by an interrupted run: sleep 300 (PID" in out
+    assert step.wait(timeout=20) == 128 + signal.SIGTERM or step.returncode == -signal.SIGKILL
+    assert gone(holder["holder_pid"])
+    assert lock_status(lock_file)["held"] is False
+
+
+@pytest.mark.slow
+def test_a_failed_host_releases_the_lock_and_the_run_still_fails(play, tmp_path):
+    (tmp_path / "go").touch()
+    run, log = play("failing", fail_here=True)
+    assert run.wait(timeout=120) == 2
+    out = log.read_text()
+    assert re.search(r"^localhost\s+: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=1 ", out, re.M), out
+    assert "TASK [peftnode : Release the node lock]" in out
+    status = lock_status(tmp_path / "lock" / "peftnode.lock")
+    assert status["held"] is False and status["previous"]["owner"]["pid"] == run.pid
