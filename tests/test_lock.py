@@ -445,3 +445,25 @@ def test_a_failed_host_releases_the_lock_and_the_run_still_fails(play, tmp_path)
     assert "TASK [peftnode : Release the node lock]" in out
     status = lock_status(tmp_path / "lock" / "peftnode.lock")
     assert status["held"] is False and status["previous"]["owner"]["pid"] == run.pid
+
+
+def test_site_takes_the_lock_first_and_releases_it_however_the_roles_end():
+    """site.yml's provisioning play has the shape the small play above proves: the lock in
+    pre_tasks, every role in one block whose always: releases it; the driver role takes it again
+    after its reboot."""
+    import yaml
+
+    play = yaml.safe_load((REPO / "site.yml").read_text())[1]
+    small = yaml.safe_load(PLAYBOOK)[0]
+    assert "roles" not in play and play["pre_tasks"] == small["pre_tasks"]
+    assert len(play["tasks"]) == 1 and play["tasks"][0]["always"] == small["tasks"][0]["always"]
+    block = play["tasks"][0]["block"]
+    assert all("ansible.builtin.import_role" in t or t.get("ansible.builtin.meta") == "flush_handlers" for t in block)
+    assert block[-1]["ansible.builtin.meta"] == "flush_handlers"  # handlers run before the release
+
+    driver = yaml.safe_load((REPO / "roles" / "peftnode_nvidia_driver" / "tasks" / "driver.yml").read_text())
+    names = [t["name"] for t in driver]
+    reboot = names.index(next(n for n in names if n.startswith("Reboot into driver")))
+    again = driver[reboot + 1]
+    assert again["ansible.builtin.include_role"] == {"name": "peftnode", "tasks_from": "lock"}
+    assert again["when"] == driver[reboot]["when"]

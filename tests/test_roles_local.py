@@ -137,6 +137,9 @@ def converge(tmp_path):
         "peftnode_openssl_link": str(node / "openssl"),
         "peftnode_python_prefix": str(PYTHON_PREFIX),
         "peftnode_manifest_path": str(node / "etc" / "manifest.yml"),
+        "peftnode_lock_path": str(node / "lock" / "peftnode.lock"),
+        "peftnode_lock_script": str(node / "lock" / "bin" / "peftnode-lock"),
+        "peftnode_steps_dir": str(node / "lock" / "steps"),
         "peftnode_node_expectations": {"gpu_model": "H200", "min_free_gib": {"data": 1}},
     })
 

@@ -40,7 +40,9 @@ pytestmark = pytest.mark.skipif(
 def _site_roles() -> list[str]:
     """The roles site.yml's second play applies, in order (read from site.yml itself)."""
     plays = yaml.safe_load((REPO / "site.yml").read_text(encoding="utf-8"))
-    return [entry["role"] for entry in plays[1]["roles"]]
+    # the roles are imported in one block (its always: releases the node lock)
+    block = next(task["block"] for task in plays[1]["tasks"] if "block" in task)
+    return [task["ansible.builtin.import_role"]["name"] for task in block if "ansible.builtin.import_role" in task]
 
 
 SITE_ROLES = _site_roles()
@@ -148,6 +150,10 @@ def node_vars(tmp_path: Path, **extra) -> Path:
         "peftnode_manifest_path": str(tmp_path / "node" / "etc" / "manifest.yml"),
         # the NVIDIA roles have tests of their own
         "peftnode_gpu": False,
+        # the node lock and its script (taken and installed in check mode too)
+        "peftnode_lock_path": str(tmp_path / "lock" / "peftnode.lock"),
+        "peftnode_lock_script": str(tmp_path / "lock" / "bin" / "peftnode-lock"),
+        "peftnode_steps_dir": str(tmp_path / "lock" / "steps"),
         **extra,
     }
     return write_yaml(tmp_path / "vars.yml", data)
