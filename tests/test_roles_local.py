@@ -122,6 +122,9 @@ def converge(tmp_path):
     stack_file = write_yaml(tmp_path / "local.yml", stack)
     variables = write_yaml(tmp_path / "vars.yml", {
         "ansible_python_interpreter": sys.executable,
+        # async steps (pip install, venv creation, builds): with the private HOME of ansible_env, the
+        # local connection's async_status looks under the real ~ while the job writes under HOME
+        "ansible_async_dir": str(tmp_path / "async"),
         "peftnode_stack_name": str(stack_file),
         # nothing may come from anywhere but tmp_path: the source artifacts are not even there,
         # because OpenSSL and Python are at the stack's version already
