@@ -264,6 +264,7 @@ def local(tmp_path):
         "peftnode_nccl_ldconfig": False,
         "peftnode_cudnn_prefix": str(node / "cudnn-8.8.1.3"),
         "peftnode_cudnn_ldconfig": False,
+        "peftnode_step_poll": 1,  # an async step is polled every second, not every 10 s
     }
     (tmp_path / "vars.json").write_text(json.dumps(variables))
 
@@ -271,7 +272,8 @@ def local(tmp_path):
         argv = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "-c", "local", "-e", f"@{tmp_path / 'vars.json'}",
                 str(tmp_path / "play.yml"), *extra]
         return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=600,
-                              env=ansible_env(tmp_path, ANSIBLE_PIPELINING="True"))
+                              env=ansible_env(tmp_path, ANSIBLE_PIPELINING="True",
+                                              ANSIBLE_ASYNC_DIR=str(tmp_path / "async")))
 
     return node, pieces, run
 
