@@ -24,6 +24,9 @@ def ansible_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         HOME=str(home),
         ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-local"),
         ANSIBLE_REMOTE_TEMP=str(tmp_path / "ansible-remote"),
+        # async jobs (the roles' long steps): with HOME moved, "~/.ansible_async" is not read back
+        # from where the job wrote it
+        ANSIBLE_ASYNC_DIR=str(tmp_path / "ansible-async"),
         ANSIBLE_CALLBACK_RESULT_FORMAT="json",
         ANSIBLE_CALLBACK_FORMAT_PRETTY="false",
         ANSIBLE_NOCOLOR="1",
