@@ -55,7 +55,7 @@ STEPS = [
      f"test -e {PYTHON_PREFIX}/.peftnode-incomplete"),
     ("python_install", r"TASK \[peftnode_python : Install Python without touching python3", 12.0,
      f"test -e {PYTHON_PREFIX}/.peftnode-incomplete"),
-    ("venv_create", r"TASK \[peftnode_venv : Create the virtualenv", 2.0,
+    ("venv_create", r"TASK \[peftnode_venv : Create the virtualenv", 3.0,
      f"test -e {mt.VENV_PATH}/.peftnode-incomplete"),
     ("wheel_install", r"TASK \[peftnode_venv : Install the (stack's )?requirements", 20.0,
      f"test -e {mt.VENV_PATH}/.peftnode-pip-incomplete"),
@@ -120,7 +120,7 @@ def chain(node, inputs):
         left = node.ssh(left_probe, check=False).returncode == 0
         procs = _step_processes(node)
         _record(f"interrupt_{label}", run, interrupted_after_s=p.interrupted_at, left_marker=left,
-                still_running_after_interrupt=procs.splitlines())
+                still_running_after_interrupt=[line.strip()[:90] for line in procs.splitlines()][:6])
         out[label] = SimpleNamespace(run=run, left_behind=left, processes=procs)
     final = _start(node, inputs, "after_interrupts").wait()
     _record("after_interrupts", final)
