@@ -37,6 +37,7 @@ REMOVE = "peftnode_venv : Remove the virtualenv"
 ADOPT = "peftnode_venv : Stamp the virtualenv found on the stack's Python"
 PIP = "peftnode_venv : Install the stack's requirements and peftnode with pip"
 SEND = "peftnode_venv : Send and unpack the wheelhouse on the node"
+DRY_RUN = "peftnode_venv : Ask pip whether any requirement is missing (dry run)"
 
 
 def venv_run(run, *extra: str) -> subprocess.CompletedProcess:
@@ -102,9 +103,14 @@ def test_an_interrupted_pip_install_is_redone_with_force_reinstall(converge):
     assert f"Successfully installed {DUMMY}-1.0" in pip["result"]["stdout"]
     assert not (venv / ".peftnode-pip-incomplete").exists()
 
+    # then a run that changes nothing: pip's dry run finds everything there, the install is not run
     calm = venv_run(run)
     assert recap(calm.stdout)["localhost"]["changed"] == 0
-    assert "--force-reinstall" not in [r for r in results(calm.stdout) if r["task"] == PIP][0]["result"]["cmd"]
+    dry = [r for r in results(calm.stdout) if r["task"] == DRY_RUN]
+    assert dry and "Would install" not in dry[0]["result"]["stdout"], dry
+    assert "--dry-run" in dry[0]["result"]["cmd"] and "--force-reinstall" not in dry[0]["result"]["cmd"]
+    assert not [r for r in results(calm.stdout) if r["task"] == PIP and r["status"] != "skipping"], \
+        "a run with nothing to install still ran pip install"
 
 
 def test_an_unstamped_venv_on_the_stacks_python_is_adopted_once(converge):
