@@ -125,6 +125,7 @@ def converge(tmp_path):
         # async steps (pip install, venv creation, builds): with the private HOME of ansible_env, the
         # local connection's async_status looks under the real ~ while the job writes under HOME
         "ansible_async_dir": str(tmp_path / "async"),
+        "peftnode_step_poll": 1,  # an async step (venv, pip) is polled every second, not every 10 s
         "peftnode_stack_name": str(stack_file),
         # nothing may come from anywhere but tmp_path: the source artifacts are not even there,
         # because OpenSSL and Python are at the stack's version already

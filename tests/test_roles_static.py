@@ -154,6 +154,7 @@ def node_vars(tmp_path: Path, **extra) -> Path:
         "peftnode_lock_path": str(tmp_path / "lock" / "peftnode.lock"),
         "peftnode_lock_script": str(tmp_path / "lock" / "bin" / "peftnode-lock"),
         "peftnode_steps_dir": str(tmp_path / "lock" / "steps"),
+        "peftnode_step_poll": 1,  # async steps polled every second, not every 10 s
         **extra,
     }
     return write_yaml(tmp_path / "vars.yml", data)
