@@ -15,7 +15,7 @@ from pathlib import Path
 from checks.registry import DEFAULT_TIMEOUT_S, Context, UsageError, all_checks, select
 from checks.report import Report
 from checks.result import Result, worst
-from checks.runner import run_checks
+from checks.runner import DEFAULT_JOBS, run_checks
 from checks.stack import DEFAULT_MANIFEST, DEFAULT_STACK, Stack, StackError, load_manifest, load_stack
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", metavar="SECONDS",
                    help=f"per-check timeout for isolated checks, overriding each check's own (default: the check's "
                         f"own, else {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--jobs", metavar="N",
+                   help=f"checks run at once (default {DEFAULT_JOBS}; benchmarks and the fine-tune never overlap)")
     p.add_argument("--list", action="store_true", help="list the checks and groups, then exit")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
     return p
@@ -72,6 +74,14 @@ def parse_gpus(text: str | None) -> int | None:
         return None
     if not text.isdigit() or int(text) > 64:
         raise UsageError(f"--gpus: {text!r} is not a whole number from 0 to 64")
+    return int(text)
+
+
+def parse_jobs(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_JOBS
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise UsageError(f"--jobs: {text!r} is not a whole number from 1 to 64")
     return int(text)
 
 
@@ -181,7 +191,9 @@ def list_checks(specs) -> None:
     for col in ("group", "check", "what it proves", "runs"):
         table.add_column(col)
     for s in specs:
-        how = ("worker process" if s.isolate else "in process") + (", skipped by --quick" if s.slow else "")
+        how = (f"shared {s.worker} worker" if s.worker else "own worker process" if s.isolate else "in process")
+        how += "".join([", skipped by --quick" if s.slow else "", ", exclusive" if s.exclusive else "",
+                        f", needs {', '.join(s.needs)}" if s.needs else ""])
         table.add_row(s.group, s.name, s.title, how)
     Console().print(table)
 
@@ -190,6 +202,7 @@ def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     timeout = parse_timeout(args.timeout)
     gpus = parse_gpus(args.gpus)
+    jobs = parse_jobs(args.jobs)
     expect = parse_expect(args.expect)
     specs = all_checks()
     if args.list:
@@ -201,15 +214,13 @@ def run(argv: list[str]) -> int:
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
     stack, from_manifest = resolve(args)
-    node = {**stack.expectations(), **expect}
-    if gpus is not None:
-        node["gpus"] = gpus
+    node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
     ctx = Context(stack.data, node, quick=args.quick, options={"model": args.model} if args.model else {})
 
     started = datetime.now(timezone.utc)
     hook, close = _progress_hook(len(chosen), not args.no_progress)
     try:
-        results = run_checks(chosen, ctx, timeout_s=timeout, progress=hook)
+        results = run_checks(chosen, ctx, timeout_s=timeout, progress=hook, jobs=jobs)
     finally:
         close()
     finished = datetime.now(timezone.utc)
@@ -224,7 +235,7 @@ def run(argv: list[str]) -> int:
         started_at=started,
         finished_at=finished,
         options={"model": args.model, "only": args.only or [], "skip": args.skip or [], "quick": args.quick,
-                 "timeout_s": timeout, "gpus": node.get("gpus")},
+                 "timeout_s": timeout, "gpus": node.gpus},
     )
     write_reports(report, args)
     return report.exit_code

@@ -129,10 +129,15 @@ def same(found: Version | None, expected: Version, parts: int) -> bool:
 # --- where things are installed ------------------------------------------------------------------
 
 
+def _home(node, key: str) -> str | None:
+    """A prefix from the node expectations (a Node, or a plain mapping in the unit tests)."""
+    return node.get(key) if isinstance(node, dict) else getattr(node, key)
+
+
 def cuda_home_candidates(node: dict, cuda_version: str) -> list[str]:
     """node.cuda_home when the manifest sets it; else /usr/local/cuda-X.Y, then /usr/local/cuda."""
-    if node.get("cuda_home"):
-        return [str(node["cuda_home"])]
+    if _home(node, "cuda_home"):
+        return [str(_home(node, "cuda_home"))]
     major_minor = ".".join(cuda_version.split(".")[:2])
     return [f"/usr/local/cuda-{major_minor}", "/usr/local/cuda"]
 
@@ -414,9 +419,9 @@ def nccl_homes(node: dict, cuda_version: str, nccl_version: str | None = None) -
     node.nccl_home alone when set; else the nccl role's versioned prefix /usr/local/nccl-<version>
     (unless node.cuda_home is set: NCCL copied into that toolkit, as the seed did), the CUDA prefix,
     then the loader."""
-    if node.get("nccl_home"):
-        return [str(node["nccl_home"])], False
-    versioned = [f"/usr/local/nccl-{nccl_version}"] if nccl_version and not node.get("cuda_home") else []
+    if _home(node, "nccl_home"):
+        return [str(_home(node, "nccl_home"))], False
+    versioned = [f"/usr/local/nccl-{nccl_version}"] if nccl_version and not _home(node, "cuda_home") else []
     return versioned + cuda_home_candidates(node, cuda_version), True
 
 
@@ -481,9 +486,9 @@ CUDNN_SUBLIBS = {
 def cudnn_homes(node: dict, cuda_version: str, cudnn_version: str | None = None) -> tuple[list[str], bool]:
     """As nccl_homes: node.cudnn_home alone when set; else /usr/local/cudnn-<version> (the cudnn role's
     prefix; not when node.cuda_home is set), the CUDA prefix, then the loader."""
-    if node.get("cudnn_home"):
-        return [str(node["cudnn_home"])], False
-    versioned = [f"/usr/local/cudnn-{cudnn_version}"] if cudnn_version and not node.get("cuda_home") else []
+    if _home(node, "cudnn_home"):
+        return [str(_home(node, "cudnn_home"))], False
+    versioned = [f"/usr/local/cudnn-{cudnn_version}"] if cudnn_version and not _home(node, "cuda_home") else []
     return versioned + cuda_home_candidates(node, cuda_version), True
 
 
@@ -793,9 +798,9 @@ def _torch_requirement(stack: dict) -> str | None:
 
 
 @check("cuda.torch", "torch sees the stack's CUDA, cuDNN, NCCL and every GPU, and computes right on each",
-       isolate=True, timeout_s=120)
+       worker="torch", exclusive=True, needs=("gpu.driver",), timeout_s=120)
 def cuda_torch(ctx: Context) -> list[Verdict]:
-    gpus = int(ctx.node.get("gpus", 0))
+    gpus = ctx.node.gpus
     probe = probe_torch() if gpus else TorchProbe(None)
     return judge_torch_view(probe, ctx.stack["cuda"]["version"], ctx.stack["cudnn"]["version"],
                             ctx.stack["nccl"]["version"], gpus, _torch_requirement(ctx.stack))

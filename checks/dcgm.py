@@ -225,9 +225,9 @@ def run_dcgmi(binary: str, level: int) -> tuple[int | None, str]:
 
 
 @check("gpu.dcgm_diag", "NVIDIA DCGM diagnostic (dcgmi diag -r 1 quick, -r 2 full), when DCGM is installed",
-       isolate=True, timeout_s=300)
+       isolate=True, exclusive=True, needs=("gpu.driver",), needs_gpus=True, timeout_s=300)
 def gpu_dcgm_diag(ctx: Context) -> list[Verdict]:
-    if int(ctx.node.get("gpus", 0)) == 0:
+    if ctx.node.gpus == 0:
         return [Verdict(Status.SKIP, "DCGM diagnostic: this node is expected to have no GPUs", {}, {"gpus": 0})]
     binary = shutil.which("dcgmi")
     if binary is None:

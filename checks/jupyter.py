@@ -32,13 +32,13 @@ _ANY_ADDRESS = {"", "0.0.0.0", "*", "::", "[::]"}
 _USER_AGENT = "peftnode-checks/jupyter"
 
 
-def jupyter_url(stack: dict, node: dict) -> str | None:
+def jupyter_url(stack: dict, node) -> str | None:
     """Where JupyterLab should answer: the node's ``jupyter_url`` override, else built from the stack's
     ``jupyterlab:`` section (a wildcard bind is reached on 127.0.0.1). None when JupyterLab is disabled."""
     section = stack.get("jupyterlab") or {}
     if not section.get("enabled"):
         return None
-    override = (node or {}).get("jupyter_url")
+    override = (node or {}).get("jupyter_url") if isinstance(node, dict) or node is None else node.jupyter_url
     if override:
         return override
     host = str(section.get("bind") or "127.0.0.1").strip()

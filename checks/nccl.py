@@ -38,19 +38,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from checks.perf import (
-    GPU_TABLE,
-    Expectation,
-    ModelFigures,
-    cuda_status,
-    expected_figure,
-    first_line,
-    judge_no_cuda,
-    thresholds,
-    time_per_op,
-)
+from checks.figures import GPU_TABLE, Expectation, ModelFigures, expected_figure, thresholds
 from checks.registry import Context, check
 from checks.result import Status, Value, Verdict
+from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
 
 MiB = 1 << 20
 DEFAULT_BYTES = 1024 * MiB
@@ -80,7 +71,8 @@ def expected_sum(ranks: int) -> float:
 
 
 def measurement_bytes(node: dict, quick: bool) -> int:
-    configured = (node.get("perf") or {}).get("allreduce_bytes")
+    perf = node.get("perf") if isinstance(node, dict) else node.perf.given()
+    configured = (perf or {}).get("allreduce_bytes")
     size = int(configured) if configured else DEFAULT_BYTES
     return min(size, QUICK_BYTES) if quick else size
 
@@ -313,7 +305,7 @@ def judge_allreduce(probe: AllreduceProbe, node_perf: dict | None,
 
 
 def _preconditions(ctx: Context, what: str) -> Verdict | None:
-    gpus = int(ctx.node.get("gpus", 0))
+    gpus = ctx.node.gpus
     if gpus == 0:
         return Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs", {}, {"gpus": 0})
     if gpus == 1:
@@ -533,9 +525,9 @@ def nccl_tests_verdict(ctx: Context, binary: str, gpus: int, nbytes: int, torch_
     """Run ``all_reduce_perf`` at ``nbytes`` on ``gpus`` GPUs and judge it, the torch figure beside it."""
     rc, text = run_all_reduce_perf(binary, nbytes, gpus, ctx.quick, DEADLINE_S)
     report = parse_nccl_tests(text)
-    device = report.devices[0][1] if report.devices else ctx.node.get("gpu_model")
-    exp = expected_busbw(device, report.ranks or gpus, ctx.node.get("perf"))
-    verdict = judge_nccl_tests(report, rc, exp, thresholds(ctx.node.get("perf"))[0], torch_figure, text[-2000:])
+    device = report.devices[0][1] if report.devices else ctx.node.gpu_model
+    exp = expected_busbw(device, report.ranks or gpus, ctx.node.perf.given())
+    verdict = judge_nccl_tests(report, rc, exp, thresholds(ctx.node.perf.given())[0], torch_figure, text[-2000:])
     verdict.measured["command"] = Value(f"all_reduce_perf -b {nbytes} -e {nbytes} -g {gpus}")
     verdict.subject = "nccl-tests"
     return verdict
@@ -560,13 +552,14 @@ def find_all_reduce_perf(dirs: tuple[str, ...] | None = None) -> str | None:
 
 @check("nccl.allreduce", "NCCL all-reduce across the node's GPUs: torch.distributed (right sums, bus bandwidth) "
                          "and nccl-tests all_reduce_perf beside it when installed",
-       isolate=True, timeout_s=CHECK_TIMEOUT_S)
+       worker="torch", exclusive=True, needs=("gpu.driver", "cuda.torch"),
+       needs_gpus=True, timeout_s=CHECK_TIMEOUT_S)
 def nccl_allreduce(ctx: Context) -> Verdict | list[Verdict]:
     what = "the NCCL all-reduce"
     skip = _preconditions(ctx, what)
     if skip:
         return skip
-    gpus = int(ctx.node["gpus"])
+    gpus = ctx.node.gpus
     binary = find_all_reduce_perf()
     nbytes = measurement_bytes(ctx.node, ctx.quick)
     usable, count, reason = cuda_status()
@@ -582,9 +575,9 @@ def nccl_allreduce(ctx: Context) -> Verdict | list[Verdict]:
                        {"gpus": gpus}, "See the GPU inventory checks; check CUDA_VISIBLE_DEVICES and `nvidia-smi -L`.")
     timing = {"warmup": 3, "repeats": 3, "iters": 5} if ctx.quick else {"warmup": 5, "repeats": 5, "iters": 20}
     probe = probe_allreduce(count, nbytes, **timing)
-    if probe.device is None and ctx.node.get("gpu_model"):
-        probe.device = ctx.node["gpu_model"]
-    torch_verdict = judge_allreduce(probe, ctx.node.get("perf"))
+    if probe.device is None and ctx.node.gpu_model:
+        probe.device = ctx.node.gpu_model
+    torch_verdict = judge_allreduce(probe, ctx.node.perf.given())
     torch_verdict.subject = "torch"
     if binary is None:
         tests = Verdict(Status.SKIP, NO_NCCL_TESTS, {}, {}, subject="nccl-tests")

@@ -31,140 +31,25 @@ it process and context start-up, not measuring). Full (1 s warm-up, 5 x 20 ops, 
 
 from __future__ import annotations
 
-import re
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from checks.figures import (
+    GPU_TABLE,
+    ModelFigures,
+    copy_tbps,
+    expected_figure,
+    median,
+    ratio,
+    tflops,
+    thresholds,
+    transfer_gbps,
+)
 from checks.registry import Context, check
 from checks.result import Status, Value, Verdict
+from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
 
-DEFAULT_FLOOR_RATIO = 0.8
-DEFAULT_OUTLIER_RATIO = 0.9
-
-# --- arithmetic (pure, unit-tested against hand-computed values) -----------------------------------
-
-
-def tflops(m: int, n: int, k: int, seconds: float) -> float:
-    """TFLOP/s of an (m x k) @ (k x n) matrix product that took ``seconds``: 2mnk / s / 1e12."""
-    return 2.0 * m * n * k / seconds / 1e12
-
-
-def copy_tbps(nbytes: int, seconds: float) -> float:
-    """Device copy bandwidth in TB/s, counting the bytes read and the bytes written: 2 x bytes / s."""
-    return 2.0 * nbytes / seconds / 1e12
-
-
-def transfer_gbps(nbytes: int, seconds: float) -> float:
-    """One-way transfer bandwidth (host<->device) in GB/s (1e9 bytes, as nvbandwidth and nccl-tests)."""
-    return nbytes / seconds / 1e9
-
-
-def ratio(measured: float, reference: float) -> float:
-    return measured / reference
-
-
-def median(values) -> float:
-    return float(statistics.median(values))
-
-
-# --- what each GPU model should measure -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFigures:
-    """What a healthy GPU of one model measures with these probes (None: no trustworthy figure)."""
-
-    gemm_tflops: float | None
-    copy_tbps: float | None
-    h2d_gbps: float | None
-    d2h_gbps: float | None
-    allreduce_busbw_gbps: float | None  # 8 GPUs of this model in one node (HGX/DGX), NCCL all-reduce
-
-
-# Keys match the CUDA/NVML device name as a whole word (case-insensitive); the longest matching key
-# wins, so "A100 80GB PCIe" beats "A100". "derived" marks a figure computed, not measured: where the
-# vendor gives only a memory peak, 0.78 x peak is used (the A100-80GB measured/peak ratio, 1.6/2.04).
-GPU_TABLE: dict[str, ModelFigures] = {
-    # A100 SXM4 80GB, FACTS.md (Azure AI-benchmarking-guide): fp16 GEMM ~255 TFLOP/s, HBM 1.6-1.75 TB/s
-    # (low end), H2D ~26 GB/s. D2H: FACTS gives 6-26 GB/s, too wide to set a floor -> outlier-only.
-    # 8x A100 SXM all-reduce busbw ~230 GB/s (FACTS; Azure threshold 228).
-    "A100": ModelFigures(255, 1.6, 26, None, 230),
-    # A100 40GB SXM4: GEMM as A100 (same compute); HBM derived: 1.555 TB/s x 0.78 ~ 1.2.
-    "A100-SXM4-40GB": ModelFigures(255, 1.2, 26, None, 230),
-    # A100 PCIe (300 W): no measured GEMM figure -> none; HBM derived (40GB 1.555, 80GB 1.935 TB/s x 0.78);
-    # no NVSwitch -> no all-reduce figure.
-    "A100-PCIE-40GB": ModelFigures(None, 1.2, 26, None, None),
-    "A100 80GB PCIe": ModelFigures(None, 1.5, 26, None, None),
-    # A800: an A100 with NVLink cut to 400 GB/s (FACTS); per-GPU figures as A100 80GB. All-reduce: no public
-    # figure; FACTS: "expect ~2/3 of A100" -> 230 x 2/3 ~ 153 (derived; measure a known-good node and set
-    # node.perf.allreduce_busbw_gbps).
-    "A800": ModelFigures(255, 1.6, 26, None, 153),
-    "A800 80GB PCIe": ModelFigures(None, 1.5, 26, None, None),
-    # H100 SXM, FACTS.md (Azure): HBM 2.9-3.2 TB/s (low end), H2D ~51 GB/s. GEMM derived from the H200
-    # measured here (770-800 TFLOP/s bf16 at 8192^3): same GH100 compute (132 SMs, clocks, 700 W).
-    # 8x H100 all-reduce ~370 GB/s ring / ~480 NVLS (FACTS): ring, since NCCL < 2.17 (the seed's 2.14.3)
-    # has no NVLS; a node on a newer NCCL can set node.perf.allreduce_busbw_gbps: 460 (Azure).
-    "H100": ModelFigures(770, 2.9, 51, None, 370),
-    # H100 PCIe / NVL: lower power and clocks, no measured GEMM figure -> none; HBM derived (2.0 / 3.9 TB/s).
-    "H100 PCIe": ModelFigures(None, 1.5, 51, None, None),
-    "H100 NVL": ModelFigures(None, 3.0, 51, None, None),
-    # H800: an H100 SXM with NVLink cut to 400 GB/s: per-GPU figures as H100; all-reduce: no public figure.
-    "H800": ModelFigures(770, 2.9, 51, None, None),
-    # H200 SXM, FACTS.md (one H200 measured here): device copy ~4.3 TB/s, bf16 8192^3 770-800 TFLOP/s
-    # (low end). H2D: PCIe Gen5 x16 as H100 -> 51 (derived). 8x H200 all-reduce ~475 GB/s (FACTS; Azure 431).
-    "H200": ModelFigures(770, 4.3, 51, None, 475),
-    # H200 NVL (600 W): GEMM not measured -> none; same HBM3e as H200 SXM.
-    "H200 NVL": ModelFigures(None, 4.3, 51, None, None),
-    # L40S (GDDR6 864 GB/s), A10 (GDDR6 600 GB/s), RTX 4090 (GDDR6X 1008 GB/s): copy derived from the vendor
-    # peak; GEMM none (vendor peaks are boost-clock figures these power-limited cards do not sustain, and no
-    # measured figure is at hand); L40S/A10 H2D: PCIe Gen4 x16 as A100 (26, derived); RTX 4090: none
-    # (consumer boards often wire x8 or share lanes). No NVSwitch: no all-reduce figure.
-    "L40S": ModelFigures(None, 0.67, 26, None, None),
-    "A10": ModelFigures(None, 0.47, 26, None, None),
-    "RTX 4090": ModelFigures(None, 0.79, None, None, None),
-}
-
-
-def match_model(device_name: str | None, table: dict[str, ModelFigures] = GPU_TABLE) -> str | None:
-    """The table key naming this device: the longest key found in the name as a whole word."""
-    if not device_name:
-        return None
-    found = [key for key in table
-             if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE)]
-    return max(found, key=len) if found else None
-
-
-@dataclass(frozen=True)
-class Expectation:
-    value: float | None
-    source: str  # "node.perf.gemm_tflops", "table: H200", or why there is none
-
-
-def expected_figure(metric: str, device_name: str | None, node_perf: dict | None,
-                    table: dict[str, ModelFigures] = GPU_TABLE) -> Expectation:
-    """node.perf overrides the table; an unknown model has no expectation (outlier judging only)."""
-    node_perf = node_perf or {}
-    if node_perf.get(metric) is not None:
-        return Expectation(float(node_perf[metric]), f"node.perf.{metric}")
-    key = match_model(device_name, table)
-    if key is None:
-        return Expectation(None, f"no table entry for {device_name or 'this GPU'!r}")
-    value = getattr(table[key], metric)
-    if value is None:
-        return Expectation(None, f"the table has no {metric} figure for {key}")
-    return Expectation(float(value), f"table: {key}")
-
-
-def thresholds(node_perf: dict | None) -> tuple[float, float]:
-    """(floor_ratio, outlier_ratio) from node.perf, else the defaults."""
-    node_perf = node_perf or {}
-    floor = node_perf.get("floor_ratio")
-    outlier = node_perf.get("outlier_ratio")
-    return (float(floor) if floor is not None else DEFAULT_FLOOR_RATIO,
-            float(outlier) if outlier is not None else DEFAULT_OUTLIER_RATIO)
-
+NEEDS = ("gpu.driver", "cuda.torch")  # no driver or no CUDA torch: nothing to measure
 
 # --- judging -----------------------------------------------------------------------------------------
 
@@ -214,28 +99,6 @@ class PerfProbe:
     available: bool
     reason: str | None = None  # why CUDA is not usable, when not available
     samples: list[GpuSample] = field(default_factory=list)
-
-
-def judge_no_cuda(reason: str | None, expected_gpus: int, what: str) -> Verdict:
-    """CUDA not usable from torch: a failure on a GPU node, a skip on a node without GPUs."""
-    expected = {"gpus": expected_gpus}
-    if expected_gpus == 0:
-        return Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs "
-                                    f"({reason or 'no CUDA device visible to torch'})", {}, expected)
-    return Verdict(
-        Status.FAIL,
-        f"no CUDA device visible to torch ({reason or 'unknown reason'}); this node is expected to have "
-        f"{expected_gpus} GPU(s), so {what} could not run",
-        {"cuda_devices": 0}, expected,
-        "Check the driver first (gpu.driver); then that the venv's torch is a CUDA build for the stack's CUDA "
-        "(`python -c 'import torch; print(torch.version.cuda, torch.cuda.is_available())'`), and that "
-        "CUDA_VISIBLE_DEVICES does not hide the GPUs.")
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (CUDA errors carry long multi-line hints)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _fmt(value: float) -> str:
@@ -360,75 +223,6 @@ def settings_for(quick: bool) -> Settings:
     return QUICK if quick else FULL
 
 
-def cuda_status() -> tuple[bool, int, str | None]:
-    """(usable, device count, why not): what torch sees, with the reason when it sees nothing."""
-    try:
-        import torch
-    except ImportError as exc:
-        return False, 0, f"torch is not importable here: {exc}"
-    if torch.version.cuda is None:
-        return False, 0, f"torch {torch.__version__} is a CPU-only build"
-    import os
-
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if not torch.cuda.is_available():
-        why = f"torch {torch.__version__} (CUDA {torch.version.cuda}): torch.cuda.is_available() is False"
-        try:
-            torch.cuda.init()
-        except Exception as exc:  # the driver's own reason, e.g. "Found no NVIDIA driver on your system"
-            why = f"torch {torch.__version__} (CUDA {torch.version.cuda}): {str(exc).splitlines()[0]}"
-        if hidden is not None:
-            why += f"; CUDA_VISIBLE_DEVICES={hidden!r}"
-        return False, 0, why
-    count = torch.cuda.device_count()
-    if count == 0:
-        return False, 0, "torch sees 0 CUDA devices" + (f" (CUDA_VISIBLE_DEVICES={hidden!r})" if hidden else "")
-    return True, count, None
-
-
-def time_per_op(op: Callable[[int], None], device, *, warmup_ops: int, warmup_s: float, repeats: int,
-                iters: int) -> float:
-    """Median seconds per op over ``repeats`` batches of ``iters`` ops, after a warm-up of at least
-    ``warmup_ops`` ops and ``warmup_s`` seconds. ``op(i)`` runs op number i (it picks its buffers by i, so
-    inputs rotate). Collectives must pass ``warmup_s=0``: every rank then runs the same number of ops."""
-    import torch
-
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    i = 0
-    started = time.perf_counter()
-    while True:  # warm-up: at least warmup_ops ops and warmup_s seconds (clocks ramp up from idle)
-        for _ in range(warmup_ops):
-            op(i)
-            i += 1
-        sync()
-        if time.perf_counter() - started >= warmup_s or i >= 1000 * max(warmup_ops, 1):
-            break
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                op(i)
-                i += 1
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:  # the CPU path exists so the probe logic is tested on machines without a GPU
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                op(i)
-                i += 1
-            seconds = time.perf_counter() - t0
-        samples.append(seconds / iters)
-    return median(samples)
-
-
 def _timed(op: Callable[[int], None], device, s: Settings) -> float:
     return time_per_op(op, device, warmup_ops=s.warmup_ops, warmup_s=s.warmup_s, repeats=s.repeats, iters=s.iters)
 
@@ -538,25 +332,25 @@ BENCHES = {
 
 def run_bench(ctx: Context, bench: str) -> list[Verdict]:
     metrics, what = BENCHES[bench]
-    expected_gpus = int(ctx.node.get("gpus", 0))
+    expected_gpus = ctx.node.gpus
     if expected_gpus == 0:
         return [Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs", {}, {"gpus": 0})]
-    return judge_perf(probe_gpus(bench, ctx.quick), metrics, ctx.node.get("perf"), expected_gpus, what)
+    return judge_perf(probe_gpus(bench, ctx.quick), metrics, ctx.node.perf.given(), expected_gpus, what)
 
 
 @check("perf.gemm", "Dense bf16 GEMM TFLOP/s on every GPU vs the model's figure and the node median",
-       isolate=True, timeout_s=300)
+       worker="torch", exclusive=True, needs=NEEDS, needs_gpus=True, timeout_s=300)
 def perf_gemm(ctx: Context) -> list[Verdict]:
     return run_bench(ctx, "gemm")
 
 
 @check("perf.memory", "Device memory copy bandwidth on every GPU vs the model's figure and the node median",
-       isolate=True, timeout_s=300)
+       worker="torch", exclusive=True, needs=NEEDS, needs_gpus=True, timeout_s=300)
 def perf_memory(ctx: Context) -> list[Verdict]:
     return run_bench(ctx, "memory")
 
 
 @check("perf.pcie", "Pinned host<->device bandwidth on every GPU vs the model's figure and the node median",
-       isolate=True, timeout_s=300)
+       worker="torch", exclusive=True, needs=NEEDS, needs_gpus=True, timeout_s=300)
 def perf_pcie(ctx: Context) -> list[Verdict]:
     return run_bench(ctx, "pcie")

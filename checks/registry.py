@@ -3,7 +3,13 @@
 A check is a function ``f(ctx) -> Verdict | list[Verdict]`` registered with :func:`check`. It calls
 a thin probe (the system) and a pure judge (the rules), so the judge can be unit-tested on captured
 data. Checks that can hang or crash (CUDA, NCCL, training) are registered ``isolate=True`` and run in
-a worker process with a timeout.
+a worker process with a timeout; the torch checks share one persistent worker (``worker="torch"``) that
+imports torch and creates the CUDA context once.
+
+Dependencies: ``needs=("gpu.driver",)`` makes a check wait for those checks and report
+``skip: blocked by gpu.driver (<its message>)`` when one of them failed or errored, so a run counts one
+root cause, not every check it took down. ``needs_gpus=True`` skips the check on a node expected to
+have no GPUs. A dependency that is not part of the run (``--only``) does not block.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from checks.node import Node
 
 # Modules whose import registers checks, in report order.
 CHECK_MODULES = (
@@ -26,15 +34,31 @@ class UsageError(Exception):
     """Bad flags or configuration: the CLI prints it on one line and exits 2."""
 
 
+# Persistent workers a check may name: one process each, started on first use, serving its checks one
+# after another (a timeout or crash kills it; the next check gets a fresh one).
+WORKERS = {
+    "torch": "imports torch and creates the CUDA context once for cuda.torch, perf.* and nccl.allreduce",
+    "nvml": "initialises NVML once for the gpu.* health checks",
+}
+
+
 @dataclass(frozen=True)
 class CheckSpec:
     name: str  # "<group>.<what>", unique
     group: str
     title: str  # one line for --list and reports
     target: str  # "module:function", importable in a worker process
-    isolate: bool = False  # run in a worker process (hang/crash-prone)
+    isolate: bool = False  # run in a fresh worker process of its own (hang/crash-prone)
     timeout_s: float | None = None  # own timeout; None = the run's default
     slow: bool = False  # skipped by --quick (long benchmarks, fine-tunes)
+    worker: str | None = None  # run in this persistent worker (WORKERS) instead
+    needs: tuple[str, ...] = ()  # checks that must not have failed for this one to run
+    needs_gpus: bool = False  # skip on a node expected to have no GPUs
+    exclusive: bool = False  # loads the GPUs: never runs beside another exclusive check
+
+    @property
+    def out_of_process(self) -> bool:
+        return self.isolate or self.worker is not None
 
     def load(self) -> Callable[[Context], Any]:
         module, _, func = self.target.partition(":")
@@ -47,27 +71,36 @@ class Context:
     Plain data only, so it crosses into worker processes as JSON."""
 
     stack: dict
-    node: dict
+    node: Node = field(default_factory=Node)
     quick: bool = False
     options: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.node, dict):  # a plain node: mapping (tests, callers building a context by hand)
+            self.node = Node.from_dict(self.node)
+
     def to_dict(self) -> dict:
-        return {"stack": self.stack, "node": self.node, "quick": self.quick, "options": self.options}
+        return {"stack": self.stack, "node": self.node.to_dict(), "quick": self.quick, "options": self.options}
 
     @classmethod
     def from_dict(cls, data: dict) -> Context:
-        return cls(data["stack"], data["node"], bool(data.get("quick")), dict(data.get("options") or {}))
+        return cls(data["stack"], Node.from_dict(data["node"]), bool(data.get("quick")),
+                   dict(data.get("options") or {}))
 
 
 _REGISTRY: dict[str, CheckSpec] = {}
 
 
-def check(name: str, title: str, *, isolate: bool = False, timeout_s: float | None = None, slow: bool = False):
+def check(name: str, title: str, *, isolate: bool = False, timeout_s: float | None = None, slow: bool = False,
+          worker: str | None = None, needs: tuple[str, ...] = (), needs_gpus: bool = False, exclusive: bool = False):
     """Register ``f`` as the check ``name`` (``group.what``)."""
+    if worker is not None and worker not in WORKERS:
+        raise RuntimeError(f"check {name!r}: unknown worker {worker!r} (known: {', '.join(WORKERS)})")
 
     def register(func):
         group = name.split(".", 1)[0]
-        spec = CheckSpec(name, group, title, f"{func.__module__}:{func.__name__}", isolate, timeout_s, slow)
+        spec = CheckSpec(name, group, title, f"{func.__module__}:{func.__name__}", isolate, timeout_s, slow,
+                         worker, tuple(needs), needs_gpus, exclusive)
         if name in _REGISTRY and _REGISTRY[name].target != spec.target:
             raise RuntimeError(f"check {name!r} registered twice ({_REGISTRY[name].target}, {spec.target})")
         _REGISTRY[name] = spec

@@ -1,25 +1,43 @@
-"""Run checks: in-process for the safe ones, in worker processes with a timeout for the ones that
-can hang or crash. One bad check never takes the run down: it becomes a ``fail`` (timeout) or an
-``error`` (crash) result and the next check runs."""
+"""Run checks: concurrently where they are independent, in worker processes where they can hang or
+crash, in one shared worker where they import torch. One bad check never takes the run down: it
+becomes a ``fail`` (timeout) or an ``error`` (crash) and the rest go on.
+
+How a run is laid out:
+
+- a bounded pool of threads (``jobs``) runs the checks; each waits for the checks it ``needs``;
+- in-process checks (file reads, HTTP, version probes) run in their thread;
+- ``isolate=True`` checks get a fresh ``python -m checks.worker`` each;
+- ``worker="torch"`` / ``worker="nvml"`` checks go to one persistent worker per name, one at a time,
+  so torch is imported and the CUDA context created once per run, not once per check; a timeout or
+  crash kills that worker and the next check starts a new one;
+- ``exclusive=True`` checks (benchmarks, the fine-tune, DCGM's diagnostic) load the GPUs: they never
+  run beside one another, so one's load cannot skew another's figures;
+- results come back in the order the checks were given, whatever order they finished in.
+
+Every child process goes through :mod:`checks.proc` (deadline, tree kill, exit description).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
+import select
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from checks import proc
 from checks.registry import DEFAULT_TIMEOUT_S, CheckSpec, Context
-from checks.result import Result, Status, Value, Verdict
+from checks.result import Result, Status, Value, Verdict, worst
 
 ProgressHook = Callable[[CheckSpec, "list[Result] | None"], None]  # before (None) and after each check
+DEFAULT_JOBS = 6
+CRASH_HINT = ("This is a bug in the check or an unexpected system state; rerun it alone "
+              "(invoke verify --only <check>) and report the traceback.")
 
 
 def verdicts_of(outcome) -> list[Verdict]:
@@ -36,13 +54,6 @@ def _error(spec: CheckSpec, message: str, started: float, remediation: str | Non
                   duration_s=time.monotonic() - started)
 
 
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
 def run_in_process(spec: CheckSpec, ctx: Context) -> list[Result]:
     started = time.monotonic()
     try:
@@ -50,61 +61,26 @@ def run_in_process(spec: CheckSpec, ctx: Context) -> list[Result]:
     except Exception as exc:
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         return [_error(spec, f"check crashed: {type(exc).__name__}: {exc} (at {Path(tb.filename).name}:{tb.lineno})",
-                       started, "This is a bug in the check or an unexpected system state; rerun with the "
-                                "traceback: python -m checks.worker, or report it.")]
+                       started, CRASH_HINT)]
     duration = time.monotonic() - started
     return [Result.from_verdict(spec.name, spec.group, v, duration) for v in verdicts]
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def _timeout_result(spec: CheckSpec, timeout_s: float, started: float) -> Result:
+    return Result(spec.name, spec.group, Status.FAIL, f"timed out after {timeout_s:g} s and was killed",
+                  measured={"elapsed": Value(round(time.monotonic() - started, 3), "s")},
+                  expected={"timeout": Value(timeout_s, "s")},
+                  remediation="Something on the node hangs (driver, GPU, NCCL, filesystem); run the "
+                              "check alone with a longer --timeout to see whether it finishes.",
+                  duration_s=time.monotonic() - started)
 
 
-def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result]:
-    """Run the check in a fresh Python process (its own session, so a timeout kills its children too)."""
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="peftnode-check-") as tmp:
-        request = Path(tmp, "request.json")
-        result = Path(tmp, "result.json")
-        request.write_text(json.dumps({"spec": dataclasses.asdict(spec), "context": ctx.to_dict()}))
-        log = Path(tmp, "output.log")
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "checks.worker", str(request), str(result)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*sys.path]))},
-            )
-            try:
-                code = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                return [Result(spec.name, spec.group, Status.FAIL, f"timed out after {timeout_s:g} s and was killed",
-                               measured={"elapsed": Value(round(time.monotonic() - started, 3), "s")},
-                               expected={"timeout": Value(timeout_s, "s")},
-                               remediation="Something on the node hangs (driver, GPU, NCCL, filesystem); run the "
-                                           "check alone with a longer --timeout to see whether it finishes.",
-                               duration_s=time.monotonic() - started)]
-            except BaseException:
-                _kill_group(proc)
-                raise
-        tail = log.read_text(errors="replace")[-2000:].strip()
-        if code < 0:
-            return [_error(spec, f"crashed with {_signal_name(-code)}", started,
-                           "The process died in native code (driver, CUDA, NCCL library); see the output: "
-                           + (tail.splitlines()[-1] if tail else "(none)"))]
-        if not result.exists():
-            last = tail.splitlines()[-1] if tail else "no output"
-            return [_error(spec, f"worker exited with code {code} without a result ({last})", started)]
-        payload = json.loads(result.read_text())
-    duration = time.monotonic() - started
-    if not payload["ok"]:
-        return [_error(spec, f"check crashed: {payload['error']}", started,
-                       "This is a bug in the check or an unexpected system state.")]
-    results = []
+def results_of(spec: CheckSpec, payload: dict, duration: float) -> list[Result]:
+    """A worker's reply as results."""
+    if not payload.get("ok"):
+        return [Result(spec.name, spec.group, Status.ERROR, f"check crashed: {payload.get('error')}",
+                       remediation=CRASH_HINT, duration_s=duration)]
+    out = []
     for v in payload["verdicts"]:
         verdict = Verdict(
             status=Status.parse(v["status"]), message=v["message"],
@@ -112,8 +88,97 @@ def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result
             expected={k: Value.from_dict(x) for k, x in v["expected"].items()},
             remediation=v["remediation"], subject=v["subject"],
         )
-        results.append(Result.from_verdict(spec.name, spec.group, verdict, duration))
-    return results
+        out.append(Result.from_verdict(spec.name, spec.group, verdict, duration))
+    return out
+
+
+class WorkerClient:
+    """One ``python -m checks.worker`` serving checks over a pipe, started on first use."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.process: proc.Process | None = None
+        self._buf = b""
+        self.lock = threading.Lock()
+        self.starts = 0
+
+    def _start(self) -> proc.Process:
+        self.process = proc.Process(proc.python_argv("-m", "checks.worker"), stdin="pipe", stdout="pipe")
+        self._buf = b""
+        self.starts += 1
+        return self.process
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """One reply line, or None on EOF; raises TimeoutError at the deadline."""
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
+        ex = self.process.finish(timed_out=timed_out)
+        self.process.close()
+        self.process = None
+        if timed_out:
+            return [_timeout_result(spec, timeout_s, started)]
+        last = ex.last_line() or "no output"
+        if ex.signal:
+            return [_error(spec, f"crashed with {ex.signal}", started,
+                           f"The process died in native code (driver, CUDA, NCCL library); its last output: {last}")]
+        return [_error(spec, f"worker exited with code {ex.code} without a result ({last})", started)]
+
+    def call(self, spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result]:
+        started = time.monotonic()
+        if self.process is None or not self.process.alive():
+            if self.process is not None:
+                self.process.close()
+            self._start()
+        request = json.dumps({"spec": dataclasses.asdict(spec), "context": ctx.to_dict()}) + "\n"
+        try:
+            self.process.stdin.write(request.encode())
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return self._dead(spec, started, False, timeout_s)
+        try:
+            line = self._read_line(started + timeout_s)
+        except TimeoutError:
+            return self._dead(spec, started, True, timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        if line is None:
+            return self._dead(spec, started, False, timeout_s)
+        return results_of(spec, json.loads(line), time.monotonic() - started)
+
+    def close(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            if self.process.wait(1.0) is None:
+                self.process.finish(timed_out=True)
+            self.process.close()
+            self.process = None
+
+
+def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result]:
+    """The check in a fresh worker process of its own (its own session: a timeout kills its children too)."""
+    client = WorkerClient(f"isolated:{spec.name}")
+    try:
+        return client.call(spec, ctx, timeout_s)
+    finally:
+        client.close()
 
 
 def effective_timeout(spec: CheckSpec, override_s: float | None) -> float:
@@ -123,19 +188,160 @@ def effective_timeout(spec: CheckSpec, override_s: float | None) -> float:
     return spec.timeout_s if spec.timeout_s is not None else DEFAULT_TIMEOUT_S
 
 
-def run_checks(specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | None = None,
-               progress: ProgressHook | None = None) -> list[Result]:
-    results: list[Result] = []
-    for spec in specs:
-        if progress:
-            progress(spec, None)
-        if ctx.quick and spec.slow:
-            got = [Result(spec.name, spec.group, Status.SKIP, "skipped by --quick (long-running check)")]
-        elif spec.isolate:
-            got = run_isolated(spec, ctx, effective_timeout(spec, timeout_s))
+def _ordered(specs: list[CheckSpec]) -> list[CheckSpec]:
+    """The specs with every check after the checks it needs (stable otherwise): a thread waiting for a
+    dependency then always waits for one that was handed out before it."""
+    names = {s.name for s in specs}
+    placed: set[str] = set()
+    out: list[CheckSpec] = []
+    todo = list(specs)
+    while todo:
+        for i, s in enumerate(todo):
+            if all(n in placed or n not in names for n in s.needs):
+                out.append(todo.pop(i))
+                placed.add(s.name)
+                break
         else:
-            got = run_in_process(spec, ctx)
-        results.extend(got)
-        if progress:
-            progress(spec, got)
-    return results
+            cycle = ", ".join(s.name for s in todo)
+            raise RuntimeError(f"checks that need each other: {cycle}")
+    return out
+
+
+def _first_problem(results: list[Result]) -> Result:
+    return max(results, key=lambda r: int(r.status))
+
+
+class Run:
+    """One run of a list of checks (see the module docstring)."""
+
+    def __init__(self, specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | None = None,
+                 progress: ProgressHook | None = None, jobs: int = DEFAULT_JOBS, fresh_workers: bool = False):
+        self.specs = list(specs)
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+        self.progress = progress
+        self.jobs = max(1, jobs)
+        self.fresh_workers = fresh_workers
+        self.workers: dict[str, WorkerClient] = {}
+        self.gpu_lock = threading.Lock()
+        self.hook_lock = threading.Lock()
+        self.done: dict[str, threading.Event] = {s.name: threading.Event() for s in self.specs}
+        self.results: dict[str, list[Result]] = {}
+        self.root: dict[str, str] = {}  # check -> the failed check that blocked it (itself when it failed)
+        self.cancelled = threading.Event()
+        self.isolated: set[WorkerClient] = set()
+
+    def _hook(self, spec: CheckSpec, results: list[Result] | None) -> None:
+        if self.progress:
+            with self.hook_lock:
+                self.progress(spec, results)
+
+    def _blocked(self, spec: CheckSpec) -> Result | None:
+        for dep in spec.needs:
+            if dep not in self.done:
+                continue  # not part of this run
+            self.done[dep].wait()
+            root = self.root.get(dep)
+            if root is None:
+                continue
+            reason = _first_problem(self.results[root])
+            via = f" via {dep}" if root != dep else ""
+            return Result(spec.name, spec.group, Status.SKIP,
+                          f"blocked by {root}{via} ({reason.message})",
+                          expected={"needs": Value(", ".join(spec.needs))})
+        return None
+
+    def _execute(self, spec: CheckSpec) -> list[Result]:
+        if self.ctx.quick and spec.slow:
+            return [Result(spec.name, spec.group, Status.SKIP, "skipped by --quick (long-running check)")]
+        if spec.needs_gpus and self.ctx.node.gpus == 0:
+            return [Result(spec.name, spec.group, Status.SKIP, "this node is expected to have no GPUs (node.gpus = 0)",
+                           expected={"gpus": Value(0)})]
+        blocked = self._blocked(spec)
+        if blocked is not None:
+            return [blocked]
+        if self.cancelled.is_set():
+            return [Result(spec.name, spec.group, Status.SKIP, "not run: the run was interrupted")]
+        timeout = effective_timeout(spec, self.timeout_s)
+        with self.gpu_lock if spec.exclusive else _NO_LOCK:
+            self._hook(spec, None)
+            if spec.worker and not self.fresh_workers:
+                client = self.workers[spec.worker]
+                with client.lock:
+                    return client.call(spec, self.ctx, timeout)
+            if spec.out_of_process:
+                client = WorkerClient(f"isolated:{spec.name}")
+                with self.hook_lock:
+                    self.isolated.add(client)
+                try:
+                    return client.call(spec, self.ctx, timeout)
+                finally:
+                    client.close()
+                    with self.hook_lock:
+                        self.isolated.discard(client)
+            return run_in_process(spec, self.ctx)
+
+    def _task(self, spec: CheckSpec) -> None:
+        try:
+            got = self._execute(spec)
+        except BaseException as exc:  # never leave dependants waiting
+            got = [Result(spec.name, spec.group, Status.ERROR, f"runner failed: {type(exc).__name__}: {exc}")]
+        self.results[spec.name] = got
+        if worst(r.status for r in got) >= Status.ERROR:
+            self.root[spec.name] = spec.name
+        elif got and got[0].message.startswith("blocked by "):
+            blocker = next((d for d in spec.needs if d in self.root), None)
+            if blocker is not None:
+                self.root[spec.name] = self.root[blocker]
+        self.done[spec.name].set()
+        self._hook(spec, got)
+
+    def execute(self) -> list[Result]:
+        for spec in self.specs:
+            if spec.worker and spec.worker not in self.workers:
+                self.workers[spec.worker] = WorkerClient(spec.worker)
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="peftnode-check")
+        try:
+            futures = [pool.submit(self._task, s) for s in _ordered(self.specs)]
+            for f in futures:
+                f.result()
+        except BaseException:
+            self.cancelled.set()
+            with self.hook_lock:
+                live = [*self.workers.values(), *self.isolated]
+            for client in live:
+                client.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            for client in self.workers.values():
+                client.close()
+        pool.shutdown(wait=True)
+        return [r for s in self.specs for r in self.results[s.name]]
+
+
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+def run_checks(specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | None = None,
+               progress: ProgressHook | None = None, jobs: int = DEFAULT_JOBS,
+               fresh_workers: bool = False) -> list[Result]:
+    return Run(specs, ctx, timeout_s=timeout_s, progress=progress, jobs=jobs, fresh_workers=fresh_workers).execute()
+
+
+def blocked_roots(results: list[Result]) -> dict[str, int]:
+    """How many results each failed check blocked (for the summary: one root cause, not N failures)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        if r.status == Status.SKIP and r.message.startswith("blocked by "):
+            root = r.message[len("blocked by "):].split(" ", 1)[0]
+            counts[root] = counts.get(root, 0) + 1
+    return counts

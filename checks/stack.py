@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 
+from checks.node import Node
+
 SCHEMA_VERSION = 1
 REPO_STACKS = Path(__file__).resolve().parent.parent / "stacks"
 DEFAULT_MANIFEST = Path("/etc/peftnode/manifest.yml")
@@ -422,6 +424,11 @@ class Stack:
         merged = dict(self.data.get("node", {}))
         merged.update(self.node)
         return merged
+
+    def expect(self, overrides: dict | None = None) -> Node:
+        """The typed node expectations checks read (``ctx.node``): the stack's ``node`` section, the
+        manifest's overrides, then ``overrides`` (``--expect``, ``--gpus``)."""
+        return Node.from_dict({**self.expectations(), **(overrides or {})})
 
 
 def load_stack(name_or_path: str) -> Stack:

@@ -6,6 +6,7 @@ unit-tested on captured data.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import re
@@ -259,6 +260,6 @@ DEFAULT_MIN_FREE_GIB = {"model": 5.0, "data": 20.0}
 
 @check("system.disk", "Enough free disk for the model and the data")
 def system_disk(ctx: Context) -> list[Verdict]:
-    mins = {**DEFAULT_MIN_FREE_GIB, **(ctx.node.get("min_free_gib") or {})}
-    paths = {"model": ctx.stack["model"]["path"], "data": ctx.node.get("data_path", "/data")}
+    mins = {**DEFAULT_MIN_FREE_GIB, **dataclasses.asdict(ctx.node.min_free_gib)}
+    paths = {"model": ctx.stack["model"]["path"], "data": ctx.node.data_path}
     return [judge_disk(probe_disk(p), role, float(mins[role])) for role, p in paths.items()]

@@ -1,8 +1,13 @@
-"""Runs one check in its own process: ``python -m checks.worker REQUEST.json RESULT.json``.
+"""A check worker: ``python -m checks.worker`` runs the checks it is sent, one after another.
 
-The request holds the check's ``module:function`` target and the run's context; the verdicts are
-written to RESULT.json. Anything the check prints goes to this process's stdout/stderr, never into
-the result. A crash (signal, os.abort, hard exit) leaves no result file: the runner reports it.
+Requests arrive on stdin, one JSON line each: ``{"spec": CheckSpec fields, "context": Context}``.
+Each gets one reply line on the process's original stdout: ``{"ok": true, "verdicts": [...]}`` or
+``{"ok": false, "error": "...", "traceback": "..."}``. Anything a check or a library prints goes to
+stderr (the runner's log of this worker), never into a reply. A crash (signal, os.abort, hard exit)
+ends the process without a reply: the runner reports it from the exit status and the log's tail.
+
+A persistent worker (``worker="torch"``) keeps what its checks imported and initialised (torch, the
+CUDA context) for the next check; an isolated check gets a worker of its own that serves one request.
 """
 
 from __future__ import annotations
@@ -16,23 +21,38 @@ from checks.registry import CheckSpec, Context
 from checks.runner import verdicts_of
 
 
-def main(argv: list[str]) -> int:
-    request_path, result_path = argv
-    with open(request_path, encoding="utf-8") as fh:
-        request = json.load(fh)
-    spec = CheckSpec(**request["spec"])
+def _channel():
+    """Keep the real stdout for replies; send fd 1 (stray prints from libraries) to stderr."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return proto
+
+
+def serve_one(request: dict) -> dict:
+    spec_fields = dict(request["spec"])
+    spec_fields["needs"] = tuple(spec_fields.get("needs") or ())
+    spec = CheckSpec(**spec_fields)
     ctx = Context.from_dict(request["context"])
     try:
         verdicts = verdicts_of(spec.load()(ctx))
-        payload = {"ok": True, "verdicts": [v.__dict__ | {"status": v.status.label} for v in verdicts]}
+        return {"ok": True, "verdicts": [v.__dict__ | {"status": v.status.label} for v in verdicts]}
     except Exception as exc:  # reported as an error result by the runner
-        payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    tmp = result_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, default=lambda v: v.to_dict())
-    os.replace(tmp, result_path)
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})" if tb else ""
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}{where}", "traceback": traceback.format_exc()}
+
+
+def main() -> int:
+    proto = _channel()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        payload = serve_one(json.loads(line))
+        proto.write(json.dumps(payload, default=lambda v: v.to_dict()) + "\n")
+        proto.flush()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -130,7 +130,7 @@ def missing_packages_verdict(missing: list[str]) -> Verdict:
 
 
 @check("finetune.methods", "Each PEFT method fine-tunes, saves, reloads, merges and generates on the stack's model",
-       isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
+       isolate=True, slow=True, exclusive=True, needs=("cuda.torch",), timeout_s=CHECK_TIMEOUT_S)
 def finetune_methods(ctx: Context) -> list[Verdict]:
     from checks.finetune.methods import MethodError
     from checks.finetune.model import ModelSpecError
@@ -180,7 +180,7 @@ def _distributed_check(ctx: Context, minimum_nproc: int, body) -> list[Verdict]:
 
     try:
         s = _distributed_settings(ctx, minimum_nproc)
-        return body(int(ctx.node.get("gpus", 0)), s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
+        return body(ctx.node.gpus, s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
                     nproc=s["nproc"], preflight=preflight)
     except (SettingsError, ModelSpecError) as exc:
         return [Verdict(Status.ERROR, f"bad distributed fine-tune settings: {exc}",
@@ -189,7 +189,7 @@ def _distributed_check(ctx: Context, minimum_nproc: int, body) -> list[Verdict]:
 
 @check("finetune.distributed", "LoRA fine-tune with DDP across the node's GPUs (torchrun, NCCL): every rank "
                                "finishes, the loss falls, the adapters are identical on every rank",
-       isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
+       isolate=True, slow=True, exclusive=True, needs=("cuda.torch",), timeout_s=CHECK_TIMEOUT_S)
 def finetune_distributed(ctx: Context) -> list[Verdict]:
     from checks.finetune.distributed import ddp_verdicts
 
@@ -197,7 +197,7 @@ def finetune_distributed(ctx: Context) -> list[Verdict]:
 
 
 @check("finetune.deepspeed", "LoRA fine-tune under DeepSpeed ZeRO stage 2 on one GPU: the loss is finite and falls",
-       isolate=True, slow=True, timeout_s=CHECK_TIMEOUT_S)
+       isolate=True, slow=True, exclusive=True, needs=("cuda.torch",), timeout_s=CHECK_TIMEOUT_S)
 def finetune_deepspeed(ctx: Context) -> list[Verdict]:
     from checks.finetune.distributed import zero_verdicts
 

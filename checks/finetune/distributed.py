@@ -108,7 +108,7 @@ def parse_rank_faults(text: str | None) -> dict[str, list[str]]:
 
 
 def cuda_status() -> tuple[bool, int, str | None]:
-    from checks.perf import cuda_status as probe
+    from checks.timing import cuda_status as probe
 
     return probe()
 
@@ -136,7 +136,7 @@ def plan_ddp(gpus: int, nproc: int | None, cuda=cuda_status) -> Plan | Verdict:
         if nproc is not None:
             return Plan(nproc, "gloo", "cpu", f"{nproc} ranks on the CPU over gloo (asked for; no CUDA here: "
                                               f"{reason or 'none visible'})")
-        from checks.perf import judge_no_cuda
+        from checks.timing import judge_no_cuda
 
         return judge_no_cuda(reason, gpus, what)
     if count < 2:
@@ -164,7 +164,7 @@ def plan_zero(gpus: int, nproc: int | None, cuda=cuda_status, installed=deepspee
         if nproc is not None:
             return Plan(nproc, "gloo", "cpu", f"{nproc} rank(s) on the CPU with DeepSpeed's CPU accelerator "
                                               f"(asked for; no CUDA here: {reason or 'none visible'})")
-        from checks.perf import judge_no_cuda
+        from checks.timing import judge_no_cuda
 
         return judge_no_cuda(reason, gpus, what)
     if nproc is not None and nproc > count:

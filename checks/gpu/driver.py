@@ -77,6 +77,6 @@ def judge_driver(probe: DriverProbe, expected_version: str, expected_gpus: int) 
     return Verdict(Status.PASS, f"NVIDIA driver {found} loaded", measured, expected)
 
 
-@check("gpu.driver", "NVIDIA driver is loaded and is the stack's version", isolate=True, timeout_s=60)
+@check("gpu.driver", "NVIDIA driver is loaded and is the stack's version", worker="nvml", timeout_s=60)
 def gpu_driver(ctx: Context) -> Verdict:
-    return judge_driver(probe_driver(), ctx.stack["nvidia_driver"]["version"], int(ctx.node.get("gpus", 0)))
+    return judge_driver(probe_driver(), ctx.stack["nvidia_driver"]["version"], ctx.node.gpus)

@@ -142,8 +142,9 @@ def judge_fabricmanager(probe: FabricManagerProbe, expected_driver: str) -> Verd
                    measured, expected)
 
 
-@check("gpu.fabricmanager", "Fabric manager active at the driver's version on NVSwitch systems", timeout_s=60)
+@check("gpu.fabricmanager", "Fabric manager active at the driver's version on NVSwitch systems",
+       needs_gpus=True, timeout_s=60)
 def gpu_fabricmanager(ctx: Context) -> Verdict:
-    if int(ctx.node.get("gpus", 0)) == 0:
+    if ctx.node.gpus == 0:
         return Verdict(Status.SKIP, "this node is expected to have no GPUs", {}, {"gpus": 0})
     return judge_fabricmanager(probe_fabricmanager(), ctx.stack["nvidia_driver"]["version"])

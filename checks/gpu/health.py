@@ -15,11 +15,12 @@ from checks.registry import Context, check
 from checks.result import Status, Verdict
 
 NVML_TIMEOUT_S = 60
+NEEDS = ("gpu.driver",)  # without a loaded driver every NVML check fails the same way: one root cause
 
 
 def snapshot_or_verdict(ctx: Context) -> NodeSnapshot | Verdict:
     """The NVML snapshot, or the verdict that explains why there is none (skip on a GPU-less node)."""
-    expected = int(ctx.node.get("gpus", 0))
+    expected = ctx.node.gpus
     if expected == 0:
         return Verdict(Status.SKIP, "this node is expected to have no GPUs", {}, {"gpus": 0})
     try:
@@ -45,46 +46,53 @@ def per_gpu(ctx: Context, judge: Callable) -> list[Verdict] | Verdict:
     return [judge(g) for g in snap.gpus]
 
 
-@check("gpu.inventory", "GPU count and model as expected; one VBIOS per model", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.inventory", "GPU count and model as expected; one VBIOS per model",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_inventory(ctx: Context):
     snap = snapshot_or_verdict(ctx)
     if isinstance(snap, Verdict):
         return snap
-    return judges.judge_inventory(snap, int(ctx.node["gpus"]), ctx.node.get("gpu_model"))
+    return judges.judge_inventory(snap, ctx.node.gpus, ctx.node.gpu_model)
 
 
-@check("gpu.ecc", "ECC enabled, no uncorrectable errors", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.ecc", "ECC enabled, no uncorrectable errors",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_ecc(ctx: Context):
     return per_gpu(ctx, judges.judge_ecc)
 
 
-@check("gpu.memory_errors", "No pending or failed row remaps or page retirements", isolate=True,
-       timeout_s=NVML_TIMEOUT_S)
+@check("gpu.memory_errors", "No pending or failed row remaps or page retirements",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_memory_errors(ctx: Context):
     return per_gpu(ctx, judges.judge_memory_errors)
 
 
-@check("gpu.throttle", "No hardware slowdown; temperature below slowdown", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.throttle", "No hardware slowdown; temperature below slowdown",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_throttle(ctx: Context):
     return per_gpu(ctx, judges.judge_throttle)
 
 
-@check("gpu.pcie", "PCIe link at full width (and speed under load)", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.pcie", "PCIe link at full width (and speed under load)",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_pcie(ctx: Context):
     return per_gpu(ctx, judges.judge_pcie)
 
 
-@check("gpu.settings", "Persistence mode on; MIG mode as expected", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.settings", "Persistence mode on; MIG mode as expected",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_settings(ctx: Context):
-    return per_gpu(ctx, lambda g: judges.judge_settings(g, bool(ctx.node.get("mig", False))))
+    return per_gpu(ctx, lambda g: judges.judge_settings(g, ctx.node.mig))
 
 
-@check("gpu.nvlink", "Every NVLink link active", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.nvlink", "Every NVLink link active",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_nvlink(ctx: Context):
     return per_gpu(ctx, judges.judge_nvlink)
 
 
-@check("gpu.processes", "No leftover processes or memory on the GPUs", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.processes", "No leftover processes or memory on the GPUs",
+       worker="nvml", needs=NEEDS, needs_gpus=True, timeout_s=NVML_TIMEOUT_S)
 def gpu_processes(ctx: Context):
     return per_gpu(ctx, judges.judge_processes)
 
@@ -114,9 +122,10 @@ def probe_kernel_log(timeout_s: float = 20) -> tuple[str | None, str]:
     return None, "; ".join(problems)
 
 
-@check("gpu.xid", "No critical Xid errors in the kernel log since boot", isolate=True, timeout_s=NVML_TIMEOUT_S)
+@check("gpu.xid", "No critical Xid errors in the kernel log since boot", worker="nvml", needs_gpus=True,
+       timeout_s=NVML_TIMEOUT_S)
 def gpu_xid(ctx: Context):
-    if int(ctx.node.get("gpus", 0)) == 0:
+    if ctx.node.gpus == 0:
         return Verdict(Status.SKIP, "this node is expected to have no GPUs")
     text, source = probe_kernel_log()
     if text is None:

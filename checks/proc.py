@@ -1,0 +1,260 @@
+"""The one way peftnode starts a process: with a deadline, killed as a whole tree, and described.
+
+Every child process of a verify run goes through here: the check runner's workers, the shared GPU
+worker, the NCCL all-reduce ranks, torchrun and its ranks, the fine-tune workers, nccl-tests, dcgmi.
+What each caller used to do by hand lives here once:
+
+- the child's environment (``child_env``): this interpreter's ``sys.path`` as ``PYTHONPATH``,
+  unbuffered output, no hub downloads unless asked, and a token naming the tree;
+- its own session, so ``killpg`` reaches what it started;
+- a deadline; past it, or on any exception in the parent (Ctrl-C included), the whole tree is killed:
+  the processes psutil sees below the child, every process group among them, and any process still
+  carrying the tree's token in its environment (ranks re-parented to init once their launcher died);
+- an :class:`Exit` that says how it ended (exit code, signal, timeout) with the tail of its output.
+
+Tests inject faults through this layer from the outside: whatever ``sys.path`` holds is the child's
+``PYTHONPATH``, so a test directory with a ``sitecustomize.py`` on it changes the child's behaviour
+without a hook in production code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+TOKEN_ENV = "PEFTNODE_PROC_TOKEN"
+TAIL_BYTES = 4000
+KILL_WAIT_S = 5.0
+
+
+def signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def child_env(extra: dict[str, str] | None = None, *, allow_download: bool = False) -> dict[str, str]:
+    """The environment of a Python child: this interpreter's import path, unbuffered output, passive
+    OpenMP waits (spinning threads slow training ~10x when processes share the CPUs), and no model-hub
+    downloads unless ``allow_download``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not allow_download:
+        env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return env | (extra or {})
+
+
+def python_argv(*args: str) -> list[str]:
+    """``[this python, *args]``: children run under the interpreter (and virtualenv) verify runs in."""
+    return [sys.executable, *args]
+
+
+@dataclass
+class Exit:
+    """How a process ended."""
+
+    code: int | None = None  # its exit status, when it exited by itself
+    signal: str | None = None  # the signal that ended it, when one did (ours after a timeout not counted)
+    timed_out: bool = False
+    elapsed_s: float = 0.0
+    tail: str = ""  # the last TAIL_BYTES of its combined output
+    killed: int = 0  # processes this layer signalled to end the tree
+    leftover: list[int] = field(default_factory=list)  # pids still alive after the kill (should be none)
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0 and not self.timed_out
+
+    def last_line(self) -> str:
+        rows = [r.strip() for r in self.tail.splitlines() if r.strip() and not set(r.strip()) <= set("*=-")]
+        return rows[-1] if rows else ""
+
+    def describe(self, timeout_s: float | None = None) -> str:
+        if self.timed_out:
+            return f"timed out after {timeout_s if timeout_s is not None else self.elapsed_s:g} s and was killed"
+        if self.signal:
+            return f"crashed with {self.signal}"
+        return f"exited with code {self.code}"
+
+
+class Process:
+    """A started child (leader of its own session) whose tree this object can end.
+
+    ``stdin``/``stdout`` are ``"pipe"`` (a pipe the caller uses), ``"log"`` (stdout only: into the log
+    file, stderr with it) or None (``/dev/null`` for stdin). stderr always goes to the log file, which
+    is a temporary file unless ``log_path`` is given; ``tail()`` reads its end.
+    """
+
+    def __init__(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                 log_path: str | os.PathLike | None = None, stdin: str | None = None, stdout: str = "log",
+                 pass_fds: tuple[int, ...] = ()):
+        self.argv = list(argv)
+        self.token = uuid.uuid4().hex
+        self._own_log = log_path is None
+        if log_path is None:
+            fd, name = tempfile.mkstemp(prefix="peftnode-proc-", suffix=".log")
+            os.close(fd)
+            log_path = name
+        self.log_path = Path(log_path)
+        self.started = time.monotonic()
+        environment = dict(env if env is not None else child_env())
+        environment[TOKEN_ENV] = self.token
+        with open(self.log_path, "ab") as log:
+            self.popen = psutil.Popen(
+                self.argv, env=environment, cwd=cwd, start_new_session=True, pass_fds=pass_fds,
+                stdin=subprocess.PIPE if stdin == "pipe" else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout == "pipe" else log, stderr=log,
+            )
+        self.pid = self.popen.pid
+        self.stdin = self.popen.stdin
+        self.stdout = self.popen.stdout
+        self._exit: Exit | None = None
+        self._killed_by_us = False
+
+    # -- waiting ----------------------------------------------------------------------------------
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def wait(self, timeout_s: float | None = None) -> int | None:
+        """The exit status (negative: the signal), or None if still running at the deadline."""
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            return None
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def _tree(self) -> list[psutil.Process]:
+        procs: dict[int, psutil.Process] = {}
+        try:
+            for p in self.popen.children(recursive=True):
+                procs[p.pid] = p
+        except psutil.Error:
+            pass
+        for p in _carrying(self.token):
+            procs.setdefault(p.pid, p)
+        return list(procs.values())
+
+    def kill_tree(self) -> tuple[int, list[int]]:
+        """SIGKILL the child, its process groups and everything below it (also re-parented ranks that
+        still carry this tree's token). Returns (processes signalled, pids alive afterwards)."""
+        if self.popen.poll() is None:
+            self._killed_by_us = True
+        members = self._tree()
+        signalled: set[int] = set()
+        own_group = os.getpgrp()
+        groups = set()
+        for p in ([self.popen] if self.popen.poll() is None else []) + members:
+            try:
+                groups.add(os.getpgid(p.pid))
+            except OSError:
+                pass
+        for group in groups - {own_group}:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except OSError:
+                pass
+        for p in ([self.popen] if self.popen.poll() is None else []) + members:
+            try:
+                p.kill()
+                signalled.add(p.pid)
+            except psutil.Error:
+                pass
+        try:
+            self.popen.wait(timeout=KILL_WAIT_S)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            pass
+        _, alive = psutil.wait_procs(members, timeout=KILL_WAIT_S)
+        rest = {p.pid for p in alive if _running(p)}
+        rest |= {p.pid for p in _carrying(self.token) if _running(p)}
+        return len(signalled), sorted(rest)
+
+    def finish(self, *, timed_out: bool = False) -> Exit:
+        """End the tree (if anything of it is left) and say how the process ended."""
+        if self._exit is not None:
+            return self._exit
+        was_running = self.popen.poll() is None
+        killed, leftover = self.kill_tree() if (was_running or _carrying(self.token)) else (0, [])
+        code = self.popen.poll()
+        ex = Exit(timed_out=timed_out, elapsed_s=round(time.monotonic() - self.started, 3), tail=self.tail(),
+                  killed=killed, leftover=leftover)
+        if code is not None and not (was_running and self._killed_by_us):
+            if code < 0:
+                ex.signal = signal_name(-code)
+            else:
+                ex.code = code
+        self._exit = ex
+        for stream in (self.stdin, self.stdout):
+            try:
+                if stream:
+                    stream.close()
+            except OSError:
+                pass
+        return ex
+
+    def tail(self, nbytes: int = TAIL_BYTES) -> str:
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(0, self.log_path.stat().st_size - nbytes))
+                return fh.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def close(self) -> Exit:
+        """Finish and remove the temporary log (a log the caller named is kept)."""
+        ex = self.finish()
+        if self._own_log:
+            try:
+                self.log_path.unlink()
+            except OSError:
+                pass
+        return ex
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _carrying(token: str) -> list[psutil.Process]:
+    """Live processes whose environment holds this tree's token."""
+    found = []
+    me = os.getpid()
+    for p in psutil.process_iter():
+        if p.pid == me:
+            continue
+        try:
+            if p.environ().get(TOKEN_ENV) == token and _running(p):
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def run(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | None = None,
+        log_path: str | os.PathLike | None = None) -> Exit:
+    """Run to the end or the deadline, whichever comes first; the tree is gone when this returns
+    (also when the caller is interrupted)."""
+    proc = Process(argv, env=env, cwd=cwd, log_path=log_path)
+    try:
+        code = proc.wait(timeout_s)
+        return proc.finish(timed_out=code is None)
+    finally:
+        proc.close()
