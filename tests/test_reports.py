@@ -21,7 +21,7 @@ from checks.report.console import render_console
 from checks.report.jsonreport import load_schema, to_json_dict, write_json
 from checks.report.junit import write_junit
 from checks.report.markdown import append_step_summary, render_markdown
-from checks.report.prom import escape_label, render_prom, write_prom
+from checks.report.prom import render_prom, write_prom
 from checks.result import Result, Status, Value
 
 STARTED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -313,7 +313,6 @@ def test_prom_healthy_report():
 
 
 def test_prom_label_escaping():
-    assert escape_label('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
     odd = Result('ch"eck\\x\nz', "g", Status.PASS, "ok", measured={"v": Value(1.5, 'u"n')})
     samples = _samples(render_prom(_report([odd])))
     key = ("peftnode_check_status", tuple(sorted({"check": 'ch"eck\\x\nz', "group": "g"}.items())))
@@ -339,6 +338,26 @@ def test_prom_atomic_write(tmp_path):
     assert _samples(target.read_text())[("peftnode_verify_healthy", ())] == 1
 
 
+def test_prom_file_is_world_readable_under_a_strict_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        target = write_prom(_report(), tmp_path / "peftnode.prom")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
+
+
+def test_prom_one_series_per_check_even_when_a_name_repeats():
+    first = Result("gpu.ecc[0]", "gpu", Status.PASS, "0 errors", measured={"n": Value(0)})
+    again = Result("gpu.ecc[0]", "gpu", Status.FAIL, "3 errors", measured={"n": Value(3)})
+    samples = _samples(render_prom(_report([first, again])))  # _samples fails on a duplicate series
+    labels = (("check", "gpu.ecc[0]"), ("group", "gpu"))
+    assert samples[("peftnode_check_status", labels)] == 4  # the worst of the two stands
+    assert samples[("peftnode_check_measurement", (*labels, ("name", "n"), ("unit", "")))] == 3
+    assert samples[("peftnode_verify_healthy", ())] == 0
+
+
 def test_prom_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "peftnode.prom"
     target.write_text("old content\n")
@@ -346,6 +365,8 @@ def test_prom_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
+    # prometheus_client's write_to_textfile renames its temp file over the target (os.rename on POSIX)
+    monkeypatch.setattr(os, "rename", boom)
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_prom(_report(), target)
