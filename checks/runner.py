@@ -126,6 +126,8 @@ class WorkerClient:
         return line
 
     def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
+        if not timed_out:  # its pipe closed: let it finish dying so its exit status is known
+            self.process.wait(proc.KILL_WAIT_S)
         ex = self.process.finish(timed_out=timed_out)
         self.process.close()
         self.process = None
@@ -161,15 +163,17 @@ class WorkerClient:
         return results_of(spec, json.loads(line), time.monotonic() - started)
 
     def close(self) -> None:
-        if self.process is not None:
-            try:
-                self.process.stdin.close()
-            except OSError:
-                pass
-            if self.process.wait(1.0) is None:
-                self.process.finish(timed_out=True)
-            self.process.close()
-            self.process = None
+        """End the worker (its tree too). Safe to call from another thread and more than once."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        if process.wait(1.0) is None:
+            process.finish(timed_out=True)
+        process.close()
 
 
 def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result]:

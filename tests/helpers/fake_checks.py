@@ -45,3 +45,39 @@ def spawns_sleeper(ctx):
     with open(ctx.options["pidfile"], "w") as fh:
         fh.write(str(child.pid))
     time.sleep(60)
+
+
+def fails(ctx):
+    return Verdict(Status.FAIL, "the dependency is broken")
+
+
+def reports_pid(ctx):
+    """Which process ran the check and how many checks that process has run so far."""
+    global _CALLS
+    _CALLS += 1
+    return Verdict(Status.PASS, "ran", {"pid": os.getpid(), "calls": _CALLS})
+
+
+_CALLS = 0
+
+# In-process checks that prove the runner's threads: two checks meeting at a barrier pass only when
+# they run at the same time; exclusive checks record when they ran.
+BARRIER = None
+INTERVALS: list = []
+
+
+def meets(ctx):
+    BARRIER.wait(timeout=float(ctx.options.get("barrier_s", 10)))
+    return Verdict(Status.PASS, "met")
+
+
+def records_interval(ctx):
+    start = time.monotonic()
+    time.sleep(float(ctx.options.get("hold_s", 0.2)))
+    INTERVALS.append((start, time.monotonic()))
+    return Verdict(Status.PASS, "held")
+
+
+def sleeps_then_passes(ctx):
+    time.sleep(float(ctx.options.get("first_s", 0.3)))
+    return Verdict(Status.PASS, "slept")

@@ -1,0 +1,140 @@
+"""checks/proc.py with real processes: exit codes, signals, deadlines and whole-tree kills, including
+a grandchild that left the tree's session and was re-parented to init."""
+
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from checks import proc
+
+
+def _gone(pid: int, within_s: float = 3.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def py(code: str) -> list[str]:
+    return proc.python_argv("-c", textwrap.dedent(code))
+
+
+def test_exit_code_and_the_tail_of_its_output():
+    ex = proc.run(py("import sys; print('line one'); print('last words', file=sys.stderr); sys.exit(3)"),
+                  timeout_s=30)
+    assert (ex.code, ex.signal, ex.timed_out, ex.ok) == (3, None, False, False)
+    assert "line one" in ex.tail and ex.last_line() == "last words"
+    assert ex.describe() == "exited with code 3"
+
+
+@pytest.mark.parametrize("sig, name", [(11, "SIGSEGV"), (6, "SIGABRT")])
+def test_a_signal_is_named(sig, name):
+    ex = proc.run(py(f"import os; os.kill(os.getpid(), {sig})"), timeout_s=30)
+    assert ex.signal == name and ex.code is None
+    assert ex.describe() == f"crashed with {name}"
+
+
+def test_a_clean_exit_is_ok():
+    ex = proc.run(py("pass"), timeout_s=30)
+    assert ex.ok and ex.code == 0 and ex.killed == 0
+
+
+def test_deadline_kills_the_whole_tree_even_a_grandchild_that_left_the_session(tmp_path):
+    pids = tmp_path / "pids"
+    code = f"""
+        import os, subprocess, sys, time
+        near = subprocess.Popen(["sleep", "120"])  # same process group
+        far = subprocess.Popen(["sleep", "120"], start_new_session=True)  # its own session and group
+        # a daemon: double fork, so init adopts it and no parent links it to the tree any more
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(120)
+            os._exit(0)
+        time.sleep(0.5)
+        open({str(pids)!r}, "w").write(" ".join(map(str, [near.pid, far.pid])))
+        time.sleep(120)
+    """
+    started = time.monotonic()
+    ex = proc.run(py(code), timeout_s=2.0)
+    assert ex.timed_out and ex.describe(2.0) == "timed out after 2 s and was killed"
+    assert time.monotonic() - started < 2.0 + 2 * proc.KILL_WAIT_S
+    near, far = map(int, pids.read_text().split())
+    assert _gone(near) and _gone(far)
+    assert ex.leftover == []
+    # nothing of the tree is left: no live process carries its token
+    assert not [p for p in psutil.process_iter() if _carries_token(p)]
+
+
+def _carries_token(p: psutil.Process) -> bool:
+    try:
+        return proc.TOKEN_ENV in p.environ() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_re_parented_daemon_is_found_by_its_token(tmp_path):
+    pidfile = tmp_path / "daemon"
+    code = f"""
+        import os, time
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                open({str(pidfile)!r}, "w").write(str(os.getpid()))
+                time.sleep(120)
+            os._exit(0)
+        time.sleep(120)
+    """
+    p = proc.Process(py(code))
+    try:
+        deadline = time.monotonic() + 10
+        while not (pidfile.exists() and pidfile.read_text()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon = int(pidfile.read_text())
+        assert psutil.Process(daemon).ppid() != p.pid  # not below the child any more
+    finally:
+        ex = p.close()
+    assert ex.killed >= 2 and _gone(daemon)
+
+
+def test_pipes_and_waiting():
+    p = proc.Process(py("import sys; print(sys.stdin.readline().upper(), end='')"), stdin="pipe", stdout="pipe")
+    p.stdin.write(b"hello\n")
+    p.stdin.flush()
+    assert p.stdout.readline() == b"HELLO\n"
+    assert p.wait(10) == 0
+    ex = p.close()
+    assert ex.code == 0 and not p.log_path.exists()  # a temporary log is removed
+
+
+def test_child_env_carries_the_import_path_and_stays_offline(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    env = proc.child_env({"EXTRA": "1"})
+    assert env["PYTHONPATH"].split(":")[0] == str(tmp_path)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["EXTRA"] == "1"
+    assert "HF_HUB_OFFLINE" not in proc.child_env(allow_download=True)
+
+
+def test_a_sitecustomize_on_the_path_reaches_the_child(monkeypatch, tmp_path):
+    """How tests inject faults: through the import path the layer hands down, not hooks in the code."""
+    (tmp_path / "sitecustomize.py").write_text("import builtins\nbuiltins.INJECTED = 'yes'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    p = proc.Process(py("import builtins; print(getattr(builtins, 'INJECTED', 'no'))"), stdout="pipe",
+                     env=proc.child_env())
+    out = p.stdout.read()
+    p.close()
+    assert out.strip() == b"yes"
+
+
+def test_interpreter_is_this_one():
+    assert proc.python_argv("-V")[0] == sys.executable
