@@ -16,13 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 import checks
+from checks.registry import CheckSpec, Context
 from checks.report import REPORT_SCHEMA, Report
-from checks.report.console import render_console
+from checks.report.console import render_console, summary_line
 from checks.report.jsonreport import load_schema, to_json_dict, write_json
-from checks.report.junit import write_junit
+from checks.report.junit import render_junit, write_junit
 from checks.report.markdown import append_step_summary, render_markdown
 from checks.report.prom import render_prom, write_prom
-from checks.result import Result, Status, Value
+from checks.result import Result, Status, Value, Verdict
+from checks.runner import run_checks
 
 STARTED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 NASTY = 'driver said "no" | retry <now> & later\nsecond line'
@@ -477,3 +479,103 @@ def test_console_colours():
     assert "33" in sgr_before("WARN")  # yellow
     assert "2" in sgr_before("SKIP")  # dim
     assert "2" in sgr_before("hint: Drain node")  # remediation is dim
+
+
+# --------------------------------------------------------------------------- root causes (blocked checks)
+
+
+def _driver_missing(ctx):
+    return Verdict(Status.FAIL, "NVIDIA driver not loaded")
+
+
+def _toolkit_crashes(ctx):
+    raise RuntimeError("nvcc vanished")
+
+
+def _fine(ctx):
+    return Verdict(Status.PASS, "fine")
+
+
+def _nothing_to_do(ctx):
+    return Verdict(Status.SKIP, "single node; nothing to test")
+
+
+def _spec(name: str, func, needs: tuple[str, ...] = ()) -> CheckSpec:
+    return CheckSpec(name, name.split(".")[0], name, f"{__name__}:{func.__name__}", needs=needs)
+
+
+def _blocked_run(two_roots: bool) -> Report:
+    """A real runner run: gpu.driver fails, four checks need it (one of them through another);
+    with ``two_roots`` cuda.toolkit crashes too and blocks one more. One ordinary skip beside them."""
+    specs = [
+        _spec("gpu.driver", _driver_missing),
+        _spec("gpu.count", _fine, ("gpu.driver",)),
+        _spec("gpu.ecc", _fine, ("gpu.driver",)),
+        _spec("cuda.torch", _fine, ("gpu.driver",)),
+        _spec("perf.gemm", _fine, ("cuda.torch",)),  # blocked by gpu.driver via cuda.torch
+        _spec("net.nccl", _nothing_to_do),
+        _spec("system.os", _fine),
+    ]
+    if two_roots:
+        specs += [_spec("cuda.toolkit", _toolkit_crashes), _spec("cuda.nvcc_works", _fine, ("cuda.toolkit",))]
+    results = run_checks(specs, Context(stack={}), jobs=3)
+    return _report(results)
+
+
+def test_blocked_checks_count_as_one_root_cause_everywhere(tmp_path):
+    report = _blocked_run(two_roots=False)
+    assert report.blocked_by() == {"gpu.driver": 4}
+
+    line = summary_line(report)
+    assert line == ("7 checks: 1 pass, 5 skip (4 blocked), 0 warn, 0 error, 1 fail in 3.2 s -> UNHEALTHY (exit 1); "
+                    "1 root cause (gpu.driver) blocked 4 checks")
+    assert "1 root cause (gpu.driver) blocked 4 checks" in _console_text(report)
+
+    doc = to_json_dict(report)
+    assert doc["blocked_by"] == {"gpu.driver": 4}
+    assert doc["counts"]["skip"] == 5
+    jsonschema.Draft202012Validator(load_schema()).validate(doc)
+
+    suite = ET.parse(write_junit(report, tmp_path / "j.xml")).getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    for name in ("gpu.count", "gpu.ecc", "cuda.torch"):
+        assert cases[name].find("skipped").get("message") == "blocked by gpu.driver (NVIDIA driver not loaded)"
+    assert cases["perf.gemm"].find("skipped").get("message").startswith("blocked by gpu.driver via cuda.torch")
+    assert cases["net.nccl"].find("skipped").get("message") == "single node; nothing to test"
+    assert "blocked: 4 check(s) that need gpu.driver were skipped" in cases["gpu.driver"].find("failure").text
+    props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
+    assert props["blocked_by"] == "gpu.driver=4"
+
+    md = render_markdown(report)
+    assert "**1 root cause (gpu.driver) blocked 4 checks.**" in md
+    assert "5 skip (4 blocked)" in md
+    attention = md.split("### Needs attention")[1].split("<details>")[0]
+    assert "gpu.driver" in attention and "net.nccl" in attention  # the root cause and an ordinary skip
+    assert "gpu.count" not in attention and "perf.gemm" not in attention  # blocked checks are not problems
+    assert "perf.gemm" in md.split("<details>")[1]  # but they are in the full table
+
+
+def test_two_root_causes_are_named_with_their_counts():
+    report = _blocked_run(two_roots=True)
+    assert report.blocked_by() == {"gpu.driver": 4, "cuda.toolkit": 1}
+    assert summary_line(report).endswith("; 2 root causes (gpu.driver: 4, cuda.toolkit: 1) blocked 5 checks")
+    doc = to_json_dict(report)
+    assert doc["blocked_by"] == {"gpu.driver": 4, "cuda.toolkit": 1}
+    jsonschema.Draft202012Validator(load_schema()).validate(doc)
+    assert "**2 root causes (gpu.driver: 4, cuda.toolkit: 1) blocked 5 checks.**" in render_markdown(report)
+
+
+def test_no_blocked_checks_means_no_root_cause_sentence():
+    report = _report()
+    assert report.blocked_by() == {}
+    assert to_json_dict(report)["blocked_by"] == {}
+    assert "root cause" not in summary_line(report) and "blocked" not in summary_line(report)
+    assert "root cause" not in render_markdown(report)
+    assert "blocked_by" not in render_junit(report)
+
+
+@pytest.mark.parametrize("blocked_by", [{"gpu.driver": 0}, {"gpu.driver": "4"}, {"": 1}, [["gpu.driver", 4]]])
+def test_schema_rejects_a_bad_blocked_by(blocked_by):
+    doc = to_json_dict(_report())
+    doc["blocked_by"] = blocked_by
+    assert list(jsonschema.Draft202012Validator(load_schema()).iter_errors(doc))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from checks.result import Result, Status, worst
+from checks.runner import blocked_roots
 
 REPORT_SCHEMA = "peftnode.verify.report/1"
 
@@ -36,6 +37,43 @@ class Report:
             out[r.status.label] += 1
         return out
 
+    def blocked_by(self) -> dict[str, int]:
+        """How many checks each failed check blocked (skipped as "blocked by X"), by root cause."""
+        return blocked_roots(self.results)
+
     @property
     def duration_s(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
+
+
+def is_blocked(result: Result) -> bool:
+    """A skip because a check it needs failed (see ``checks.runner.blocked_roots``)."""
+    return result.status == Status.SKIP and result.message.startswith("blocked by ")
+
+
+def _checks(n: int) -> str:
+    return f"{n} check" if n == 1 else f"{n} checks"
+
+
+def root_cause_line(blocked: dict[str, int]) -> str | None:
+    """E.g. ``1 root cause (gpu.driver) blocked 14 checks`` or ``2 root causes (gpu.driver: 14,
+    cuda.toolkit: 1) blocked 15 checks``; None when nothing was blocked."""
+    if not blocked:
+        return None
+    total = sum(blocked.values())
+    if len(blocked) == 1:
+        (root,) = blocked
+        return f"1 root cause ({root}) blocked {_checks(total)}"
+    roots = ", ".join(f"{root}: {n}" for root, n in sorted(blocked.items(), key=lambda item: (-item[1], item[0])))
+    return f"{len(blocked)} root causes ({roots}) blocked {_checks(total)}"
+
+
+def counts_text(report: Report) -> str:
+    """E.g. ``9 pass, 16 skip (14 blocked), 0 warn, 0 error, 1 fail``: blocked skips are counted
+    apart from ordinary ones."""
+    blocked = sum(report.blocked_by().values())
+    parts = []
+    for label, n in report.counts().items():
+        extra = f" ({blocked} blocked)" if label == Status.SKIP.label and blocked else ""
+        parts.append(f"{n} {label}{extra}")
+    return ", ".join(parts)

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from checks.report import Report
+from checks.report import Report, counts_text, root_cause_line
 from checks.result import Result, Status, sort_worst_first, worst
 
 STATUS_STYLE: dict[Status, str] = {
@@ -41,13 +41,16 @@ def format_duration(seconds: float) -> str:
 
 
 def summary_line(report: Report) -> str:
-    """E.g. ``14 checks: 9 pass, 2 skip, 1 warn, 0 error, 2 fail in 3.2 s -> UNHEALTHY (exit 1)``."""
-    counts = report.counts()
+    """E.g. ``14 checks: 9 pass, 2 skip, 1 warn, 0 error, 2 fail in 3.2 s -> UNHEALTHY (exit 1)``; when
+    failed checks blocked others, the skip count says how many and a second sentence names the root
+    causes: ``... 16 skip (14 blocked) ... (exit 1); 1 root cause (gpu.driver) blocked 14 checks``."""
     total = len(report.results)
     noun = "check" if total == 1 else "checks"
-    parts = ", ".join(f"{n} {label}" for label, n in counts.items())
     verdict = "HEALTHY" if report.exit_code == 0 else "UNHEALTHY"
-    return f"{total} {noun}: {parts} in {format_duration(report.duration_s)} -> {verdict} (exit {report.exit_code})"
+    line = (f"{total} {noun}: {counts_text(report)} in {format_duration(report.duration_s)} -> {verdict} "
+            f"(exit {report.exit_code})")
+    roots = root_cause_line(report.blocked_by())
+    return f"{line}; {roots}" if roots else line
 
 
 def header_line(report: Report) -> str:

@@ -48,6 +48,7 @@ def to_json_dict(report: Report) -> dict[str, Any]:
         "status": report.status.label,
         "exit_code": report.exit_code,
         "counts": report.counts(),
+        "blocked_by": report.blocked_by(),
         "results": [_strict(r.to_dict()) for r in report.results],
     }
 

@@ -24,9 +24,12 @@ def _seconds(value: float) -> str:
     return f"{max(value, 0.0):.3f}"
 
 
-def _details(result: Result) -> str:
-    """Body text of a <failure>/<error>/<system-out>: message, values, remediation."""
+def _details(result: Result, blocked: int = 0) -> str:
+    """Body text of a <failure>/<error>/<system-out>: message, values, remediation, and how many
+    checks this one blocked."""
     lines = [result.message]
+    if blocked:
+        lines.append(f"blocked: {blocked} check(s) that need {result.name} were skipped")
     if result.measured:
         lines.append("measured: " + ", ".join(f"{k}={v}" for k, v in result.measured.items()))
     if result.expected:
@@ -36,7 +39,7 @@ def _details(result: Result) -> str:
     return _clean("\n".join(lines))
 
 
-def _testcase(parent: ET.Element, result: Result) -> None:
+def _testcase(parent: ET.Element, result: Result, blocked: int = 0) -> None:
     case = ET.SubElement(
         parent,
         "testcase",
@@ -46,17 +49,31 @@ def _testcase(parent: ET.Element, result: Result) -> None:
     )
     message = _clean(result.message)
     if result.status == Status.FAIL:
-        ET.SubElement(case, "failure", message=message, type="fail").text = _details(result)
+        ET.SubElement(case, "failure", message=message, type="fail").text = _details(result, blocked)
     elif result.status == Status.ERROR:
-        ET.SubElement(case, "error", message=message, type="error").text = _details(result)
+        ET.SubElement(case, "error", message=message, type="error").text = _details(result, blocked)
     elif result.status == Status.SKIP:
+        # A blocked skip's message names its blocker: "blocked by gpu.driver (driver not loaded)".
         ET.SubElement(case, "skipped", message=message)
     elif result.status == Status.WARN:
         ET.SubElement(case, "system-out").text = "WARN: " + _details(result)
 
 
+def _blocked_notes(results: list[Result], blocked: dict[str, int]) -> dict[int, int]:
+    """Which testcase carries each root cause's count: the root check's first failed or errored
+    result (a check with subjects reports as ``name[subject]``)."""
+    notes: dict[int, int] = {}
+    for root, count in blocked.items():
+        for index, result in enumerate(results):
+            if result.status >= Status.ERROR and (result.name == root or result.name.startswith(root + "[")):
+                notes[index] = count
+                break
+    return notes
+
+
 def to_junit_element(report: Report) -> ET.Element:
     counts = report.counts()
+    blocked = report.blocked_by()
     totals = {
         "tests": str(len(report.results)),
         "failures": str(counts["fail"]),
@@ -83,12 +100,14 @@ def to_junit_element(report: Report) -> ET.Element:
         "stack_source": report.stack.get("source"),
         "status": report.status.label,
         "exit_code": report.exit_code,
+        "blocked_by": ", ".join(f"{root}={n}" for root, n in blocked.items()) or None,
     }
     for key, value in props.items():
         if value is not None:
             ET.SubElement(properties, "property", name=key, value=_clean(value))
-    for result in report.results:
-        _testcase(suite, result)
+    noted = _blocked_notes(report.results, blocked)
+    for index, result in enumerate(report.results):
+        _testcase(suite, result, noted.get(index, 0))
     return root
 
 

@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from checks.report import Report
+from checks.report import Report, counts_text, is_blocked, root_cause_line
 from checks.report.console import format_duration, group_results
 from checks.result import Result, Status, sort_worst_first
 
@@ -57,16 +57,21 @@ def render_markdown(report: Report) -> str:
     icon = _ICON[Status.WARN] if healthy and report.status == Status.WARN else ("✅" if healthy else "❌")
     host = report.host.get("hostname") or "unknown host"
     stack = report.stack.get("name") or "unknown stack"
-    counts = report.counts()
+    blocked = report.blocked_by()
     lines = [
         f"## {icon} {report.title}: {verdict} (exit {report.exit_code})",
         "",
         f"Host `{escape_cell(host)}`, stack `{escape_cell(stack)}`, {format_duration(report.duration_s)}.",
         "",
-        f"**{len(report.results)} checks:** " + ", ".join(f"{n} {label}" for label, n in counts.items()),
+        f"**{len(report.results)} checks:** {counts_text(report)}",
         "",
     ]
-    problems = [r for r in sort_worst_first(report.results) if r.status != Status.PASS]
+    if blocked:
+        fixed = "it is" if len(blocked) == 1 else "they are"
+        lines += [f"**{escape_cell(root_cause_line(blocked))}.** The blocked checks run again once {fixed} "
+                  "fixed; they are in the full table below.", ""]
+    # A blocked check needs no attention of its own: its root cause is in the table.
+    problems = [r for r in sort_worst_first(report.results) if r.status != Status.PASS and not is_blocked(r)]
     if problems:
         lines += ["### Needs attention", "", *_table(problems, with_remediation=True), ""]
     elif report.results:
