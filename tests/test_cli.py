@@ -59,6 +59,8 @@ def test_unhealthy_run_exits_1(capsys):
     (["--junit", "/tmp"], ["--junit: /tmp is a directory"]),
     (["--stack", "cu117", "--manifest", "/etc/x.yml"], ["give one of them"]),
     (["--frobnicate"], ["unrecognized arguments: --frobnicate"]),
+    (["--jobs", "0"], ["--jobs: '0' is not a whole number from 1 to 64"]),
+    (["--jobs", "many"], ["--jobs: 'many'"]),
 ])
 def test_bad_usage_exits_2_with_one_line(args, needles):
     assert_usage_error(run_cli(*args), *needles)
@@ -170,3 +172,19 @@ def test_expect_overrides_node_expectations(tmp_path):
     doc = json.loads((tmp_path / "r.json").read_text())
     data = next(r for r in doc["results"] if r["name"] == "system.disk[data]")
     assert proc.returncode == 1 and data["status"] == "fail" and str(tmp_path) in data["message"]
+
+
+@pytest.mark.skipif(Path("/proc/driver/nvidia/version").exists(), reason="this machine has an NVIDIA driver loaded")
+def test_a_missing_driver_is_one_root_cause_not_a_failure_per_check(tmp_path):
+    """No driver here: gpu.driver fails once; the NVML checks, cuda.torch, perf.* and nccl.allreduce that
+    need it are skipped as blocked by it, with its reason, instead of failing one by one."""
+    proc = run_cli("--stack", "cu117", "--only", "gpu,cuda.torch,perf,nccl", "--quick", "--no-progress",
+                   "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 1
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    failed = [r["name"] for r in results if r["status"] in ("fail", "error")]
+    assert failed == ["gpu.driver"], failed
+    blocked = [r for r in results if r["message"].startswith("blocked by gpu.driver")]
+    assert {r["name"] for r in blocked} >= {"gpu.inventory", "gpu.ecc", "cuda.torch", "perf.gemm", "nccl.allreduce"}
+    driver = next(r for r in results if r["name"] == "gpu.driver")
+    assert all(driver["message"][:40] in r["message"] for r in blocked)
