@@ -1,8 +1,8 @@
 """What a healthy GPU of each model measures, and the arithmetic that turns timings into figures.
 
-The GPU-model table (with the source of every figure), node.perf overrides, the floor and outlier
-ratios, and the unit conversions are shared by perf.*, nccl.* and the fleet report; the reasons for
-the default ratios are in checks/perf.py's docstring.
+The GPU-model table (with the source of every figure), node.perf overrides (a typed
+:class:`checks.node.PerfExpect`), the floor and outlier ratios, and the unit conversions are shared by
+perf.*, nccl.* and the fleet report; the reasons for the default ratios are in checks/perf.py's docstring.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
+
+from checks.node import PerfExpect
 
 DEFAULT_FLOOR_RATIO = 0.8
 DEFAULT_OUTLIER_RATIO = 0.9
@@ -113,12 +115,12 @@ class Expectation:
     source: str  # "node.perf.gemm_tflops", "table: H200", or why there is none
 
 
-def expected_figure(metric: str, device_name: str | None, node_perf: dict | None,
+def expected_figure(metric: str, device_name: str | None, perf: PerfExpect | None,
                     table: dict[str, ModelFigures] = GPU_TABLE) -> Expectation:
     """node.perf overrides the table; an unknown model has no expectation (outlier judging only)."""
-    node_perf = node_perf or {}
-    if node_perf.get(metric) is not None:
-        return Expectation(float(node_perf[metric]), f"node.perf.{metric}")
+    override = getattr(perf, metric) if perf is not None else None
+    if override is not None:
+        return Expectation(float(override), f"node.perf.{metric}")
     key = match_model(device_name, table)
     if key is None:
         return Expectation(None, f"no table entry for {device_name or 'this GPU'!r}")
@@ -128,10 +130,8 @@ def expected_figure(metric: str, device_name: str | None, node_perf: dict | None
     return Expectation(float(value), f"table: {key}")
 
 
-def thresholds(node_perf: dict | None) -> tuple[float, float]:
+def thresholds(perf: PerfExpect | None) -> tuple[float, float]:
     """(floor_ratio, outlier_ratio) from node.perf, else the defaults."""
-    node_perf = node_perf or {}
-    floor = node_perf.get("floor_ratio")
-    outlier = node_perf.get("outlier_ratio")
-    return (float(floor) if floor is not None else DEFAULT_FLOOR_RATIO,
-            float(outlier) if outlier is not None else DEFAULT_OUTLIER_RATIO)
+    perf = perf or PerfExpect()
+    return (float(perf.floor_ratio) if perf.floor_ratio is not None else DEFAULT_FLOOR_RATIO,
+            float(perf.outlier_ratio) if perf.outlier_ratio is not None else DEFAULT_OUTLIER_RATIO)

@@ -1,9 +1,21 @@
 """Per-GPU performance: bf16 GEMM, device memory copy, pinned host<->device transfers, on every GPU.
 
-Each check runs a thin torch probe in a worker process (``isolate=True``) and hands what it measured
-to pure judges. A GPU fails when it is below its model's expected figure x ``floor_ratio`` or below
-the node's median (same model) x ``outlier_ratio``; the second rule catches the one slow GPU of a
-node even for a model the table does not know.
+The checks run in the run's one torch worker (``worker="torch"``: torch imported and the CUDA contexts
+created once per run, shared with cuda.torch and nccl.allreduce) and hand what they measured to pure
+judges. A GPU fails when it is below its model's expected figure x ``floor_ratio`` or below the node's
+median (same model) x ``outlier_ratio``; the second rule catches the one slow GPU of a node even for a
+model the table does not know.
+
+All GPUs at once, then a short serial phase:
+
+- GEMM and device memory copy run on every GPU at the same time, one thread per device (CUDA work on
+  different devices runs in parallel and waiting on it releases the GIL). Each GPU computes on its own
+  SMs out of its own HBM, so a neighbour's load does not change its figure; measured side by side they
+  are what a training job sees, power and cooling of a fully loaded node included.
+- Pinned host<->device transfers (perf.pcie) run one GPU at a time: the GPUs share the host's memory
+  bandwidth and, on HGX boards, a PCIe switch per pair and the CPU's root ports, so GPUs measured
+  together would read the shared uplink, not their own link.
+- The three checks are ``exclusive``: none runs beside another GPU benchmark.
 
 Defaults and why:
 
@@ -19,20 +31,24 @@ Defaults and why:
   L2: 40-60 MB), host transfers 64 MiB quick / 256 MiB full (PCIe saturates well below 64 MiB).
   Inputs rotate over several buffers so no repeat reuses what the last one left in cache.
 - Timing: CUDA events around ``iters`` back-to-back ops, the median of ``repeats`` such batches,
-  after a warm-up of at least ``warmup_ops`` ops and ``warmup_s`` seconds (clocks ramp from idle).
+  after a warm-up of at least ``warmup_ops`` ops and ``warmup_s`` seconds (clocks and PCIe link speed
+  ramp up from idle).
 
-Time on an 8-GPU node (A100/H100 figures; GPUs are measured one after another). ``--quick``: per
-GPU, GEMM >= 0.1 s warm-up + 3 x 5 ops of 1.4-4.3 ms ~ 0.2 s; copy 0.1 s + 15 x 0.3-1.3 ms ~ 0.12 s;
-host transfers 2 x (0.1 s + 15 x 1.3-2.6 ms) ~ 0.3 s; plus ~0.3 s of CUDA context per GPU and
-~3 s of torch import per worker: gemm ~7 s, memory ~6 s, pcie ~8 s, ~20 s for the group (most of
-it process and context start-up, not measuring). Full (1 s warm-up, 5 x 20 ops, 1 GiB copies,
-256 MiB transfers): gemm ~15 s, memory ~12 s, pcie ~35 s, ~1 min for the group.
+Time on an 8-GPU node (A100/H100/H200 figures), on top of the run's one torch import (~3 s) and CUDA
+contexts (~0.3 s per GPU, created side by side by the first benchmark). ``--quick``: GEMM on all GPUs
+at once >= 0.1 s warm-up + 3 x 5 ops of 1.4-4.3 ms ~ 0.2 s; copy 0.1 s + 15 x 0.3-1.3 ms ~ 0.12 s;
+host transfers per GPU 2 x (0.1 s + 15 x 1.3-2.6 ms) ~ 0.3 s, x 8 one after another ~ 2.5 s: ~3 s for
+the group. Full (1 s warm-up, 5 x 20 ops, 1 GiB copies, 256 MiB transfers): GEMM ~1.5 s, copy ~1.1 s,
+transfers 8 x 2 x (1 s + 100 x 5-10 ms) ~ 25-32 s: ~30-35 s, nearly all of it the serial phase.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from checks.figures import (
     GPU_TABLE,
@@ -45,6 +61,7 @@ from checks.figures import (
     thresholds,
     transfer_gbps,
 )
+from checks.node import PerfExpect
 from checks.registry import Context, check
 from checks.result import Status, Value, Verdict
 from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
@@ -105,13 +122,13 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def judge_gpus(samples: list[GpuSample], metrics: list[str], node_perf: dict | None,
+def judge_gpus(samples: list[GpuSample], metrics: list[str], perf: PerfExpect | None,
                expected_gpus: int | None = None, table: dict[str, ModelFigures] = GPU_TABLE) -> list[Verdict]:
     """One verdict per GPU (subject ``gpuN``), judging each metric against the floor and the node median.
 
     The median is taken over the GPUs of the same device name, so a mixed node compares like with like.
     """
-    floor_ratio, outlier_ratio = thresholds(node_perf)
+    floor_ratio, outlier_ratio = thresholds(perf)
     medians: dict[tuple[str, str], float] = {}
     for metric in metrics:
         for name in {s.name for s in samples}:
@@ -143,7 +160,7 @@ def judge_gpus(samples: list[GpuSample], metrics: list[str], node_perf: dict | N
             if value is None:
                 continue
             measured[metric] = Value(round(value, 3), info.unit)
-            exp = expected_figure(metric, sample.name, node_perf, table)
+            exp = expected_figure(metric, sample.name, perf, table)
             text = f"{info.label} {_fmt(value)} {info.unit}"
             bad: list[str] = []
             if exp.value is not None and exp.value > 0:
@@ -188,14 +205,14 @@ def judge_gpus(samples: list[GpuSample], metrics: list[str], node_perf: dict | N
     return verdicts
 
 
-def judge_perf(probe: PerfProbe, metrics: list[str], node_perf: dict | None, expected_gpus: int,
+def judge_perf(probe: PerfProbe, metrics: list[str], perf: PerfExpect | None, expected_gpus: int,
                what: str, table: dict[str, ModelFigures] = GPU_TABLE) -> list[Verdict]:
     if not probe.available or not probe.samples:
         return [judge_no_cuda(probe.reason, expected_gpus, what)]
-    return judge_gpus(probe.samples, metrics, node_perf, expected_gpus, table)
+    return judge_gpus(probe.samples, metrics, perf, expected_gpus, table)
 
 
-# --- probing (torch; runs in a worker process) -------------------------------------------------------
+# --- probing (torch; runs in the torch worker) ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -236,7 +253,10 @@ def gemm_dtype(device):
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
-def measure_gemm(device, s: Settings) -> tuple[float, dict]:
+Figures = tuple[dict[str, float], dict]  # (figures by metric key, detail reported beside them)
+
+
+def measure_gemm(device, s: Settings) -> Figures:
     import torch
 
     n, dtype = s.gemm_n, gemm_dtype(device)
@@ -251,10 +271,10 @@ def measure_gemm(device, s: Settings) -> tuple[float, dict]:
         torch.matmul(a, b, out=out)
 
     seconds = _timed(op, device, s)
-    return tflops(n, n, n, seconds), {"dtype": str(dtype).replace("torch.", ""), "gemm_size": n}
+    return {"gemm_tflops": tflops(n, n, n, seconds)}, {"dtype": str(dtype).replace("torch.", ""), "gemm_size": n}
 
 
-def measure_copy(device, s: Settings) -> tuple[float, dict]:
+def measure_copy(device, s: Settings) -> Figures:
     import torch
 
     bufs = [torch.ones(s.copy_bytes, dtype=torch.uint8, device=device) for _ in range(s.copy_buffers)]
@@ -263,13 +283,14 @@ def measure_copy(device, s: Settings) -> tuple[float, dict]:
         bufs[(i + 1) % len(bufs)].copy_(bufs[i % len(bufs)])
 
     seconds = _timed(op, device, s)
-    return copy_tbps(s.copy_bytes, seconds), {"copy_bytes": s.copy_bytes}
+    return {"copy_tbps": copy_tbps(s.copy_bytes, seconds)}, {"copy_bytes": s.copy_bytes}
 
 
-def measure_host(device, s: Settings, pinned: bool = True) -> tuple[float, float, dict]:
-    """(H2D GB/s, D2H GB/s) with pinned host buffers; ``pinned=False`` only for the CPU self-test."""
+def measure_host(device, s: Settings, pinned: bool | None = None) -> Figures:
+    """H2D and D2H GB/s with pinned host buffers (pageable on the CPU path: nothing to pin for)."""
     import torch
 
+    pinned = device.type == "cuda" if pinned is None else pinned
     host = [torch.ones(s.host_bytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(s.host_buffers)]
     dev = [torch.ones(s.host_bytes, dtype=torch.uint8, device=device) for _ in range(s.host_buffers)]
 
@@ -281,61 +302,97 @@ def measure_host(device, s: Settings, pinned: bool = True) -> tuple[float, float
 
     up = transfer_gbps(s.host_bytes, _timed(h2d, device, s))
     down = transfer_gbps(s.host_bytes, _timed(d2h, device, s))
-    return up, down, {"transfer_bytes": s.host_bytes}
+    return {"h2d_gbps": up, "d2h_gbps": down}, {"transfer_bytes": s.host_bytes}
 
 
-def probe_gpus(bench: str, quick: bool) -> PerfProbe:
-    """Run one benchmark ("gemm", "memory" or "pcie") on every GPU torch sees, one GPU at a time."""
-    usable, count, reason = cuda_status()
-    if not usable:
-        return PerfProbe(False, reason)
+@dataclass(frozen=True)
+class Bench:
+    metrics: tuple[str, ...]
+    what: str
+    concurrent: bool  # every GPU at once (own SMs and HBM), or one after another (shared host paths)
+    measure: Callable[[Any, Settings], Figures]  # (device, settings) -> (figures, detail)
+
+
+BENCHES: dict[str, Bench] = {
+    "gemm": Bench(("gemm_tflops",), "the GEMM benchmark", True, measure_gemm),
+    "memory": Bench(("copy_tbps",), "the device memory copy benchmark", True, measure_copy),
+    "pcie": Bench(("h2d_gbps", "d2h_gbps"), "the host<->device transfer benchmark", False, measure_host),
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    handle: Any  # a torch.device: cuda:N, or cpu for the self-test
+
+
+def cuda_devices(count: int) -> list[Device]:
     import torch
 
-    s = settings_for(quick)
-    samples = []
+    devices = []
     for index in range(count):
-        device = torch.device("cuda", index)
         try:
             name = torch.cuda.get_device_name(index)
         except Exception as exc:
-            name = f"unknown ({exc})"
-        sample = GpuSample(index, name)
-        try:
-            with torch.cuda.device(index):
-                if bench == "gemm":
-                    value, sample.detail = measure_gemm(device, s)
-                    sample.values["gemm_tflops"] = value
-                elif bench == "memory":
-                    value, sample.detail = measure_copy(device, s)
-                    sample.values["copy_tbps"] = value
-                elif bench == "pcie":
-                    up, down, sample.detail = measure_host(device, s)
-                    sample.values.update(h2d_gbps=up, d2h_gbps=down)
-                else:
-                    raise ValueError(f"unknown benchmark {bench!r}")
-        except Exception as exc:
-            sample.error = first_line(exc)
-        finally:
+            name = f"unknown ({first_line(exc)})"
+        devices.append(Device(index, name, torch.device("cuda", index)))
+    return devices
+
+
+def on_devices(devices: list[Device], work: Callable[[Device], GpuSample], concurrent: bool) -> list[GpuSample]:
+    """``work`` on every device: all at once (one thread each) or one after another; results in device order."""
+    if not concurrent or len(devices) < 2:
+        return [work(d) for d in devices]
+    with ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="perf-gpu") as pool:
+        return list(pool.map(work, devices))
+
+
+def measure_one(bench: Bench, device: Device, s: Settings) -> GpuSample:
+    """One device's figures, or the first line of what went wrong (the other devices carry on)."""
+    sample = GpuSample(device.index, device.name)
+    try:
+        if device.handle.type == "cuda":
+            import torch
+
+            current = torch.cuda.device(device.index)  # events and the current stream are this thread's, on it
+        else:
+            current = nullcontext()
+        with current:
+            values, sample.detail = bench.measure(device.handle, s)
+        sample.values.update(values)
+    except Exception as exc:
+        sample.error = first_line(exc)
+    return sample
+
+
+def probe_gpus(bench: str | Bench, quick: bool, *, devices: list[Device] | None = None,
+               settings: Settings | None = None) -> PerfProbe:
+    """Run one benchmark ("gemm", "memory" or "pcie") on every GPU torch sees: at once or one after another,
+    as the benchmark says. ``devices`` (CPU stand-ins) and ``settings`` replace the GPUs and sizes in tests."""
+    b = BENCHES[bench] if isinstance(bench, str) else bench
+    s = settings or settings_for(quick)
+    if devices is None:
+        usable, count, reason = cuda_status()
+        if not usable:
+            return PerfProbe(False, reason)
+        devices = cuda_devices(count)
+    try:
+        samples = on_devices(devices, lambda d: measure_one(b, d, s), b.concurrent)
+    finally:
+        if any(d.handle.type == "cuda" for d in devices):  # once, after every thread is done: frees synchronise
+            import torch
+
             torch.cuda.empty_cache()
-        samples.append(sample)
     return PerfProbe(True, None, samples)
 
 
 # --- checks ------------------------------------------------------------------------------------------
 
-BENCHES = {
-    "gemm": (["gemm_tflops"], "the GEMM benchmark"),
-    "memory": (["copy_tbps"], "the device memory copy benchmark"),
-    "pcie": (["h2d_gbps", "d2h_gbps"], "the host<->device transfer benchmark"),
-}
-
 
 def run_bench(ctx: Context, bench: str) -> list[Verdict]:
-    metrics, what = BENCHES[bench]
-    expected_gpus = ctx.node.gpus
-    if expected_gpus == 0:
-        return [Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs", {}, {"gpus": 0})]
-    return judge_perf(probe_gpus(bench, ctx.quick), metrics, ctx.node.perf.given(), expected_gpus, what)
+    b = BENCHES[bench]
+    return judge_perf(probe_gpus(bench, ctx.quick), list(b.metrics), ctx.node.perf, ctx.node.gpus, b.what)
 
 
 @check("perf.gemm", "Dense bf16 GEMM TFLOP/s on every GPU vs the model's figure and the node median",

@@ -1,7 +1,7 @@
 """Timing GPU work from torch, and what to say when torch sees no CUDA device.
 
-Used by every measurement that runs torch: perf.* (per-GPU benchmarks), nccl.allreduce and the
-distributed fine-tune. Importing this module is cheap; torch is imported inside the functions.
+Used by every measurement that runs torch: perf.* (per-GPU benchmarks), nccl.allreduce's ranks and
+the distributed fine-tune. Importing this module is cheap; torch is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ def time_per_op(op: Callable[[int], None], device, *, warmup_ops: int, warmup_s:
         if time.perf_counter() - started >= warmup_s or i >= 1000 * max(warmup_ops, 1):
             break
     samples = []
+    stream = torch.cuda.current_stream(device) if cuda else None  # explicit: callers time devices from threads
     for _ in range(repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             for _ in range(iters):
                 op(i)
                 i += 1
-            end.record()
+            end.record(stream)
             end.synchronize()
             seconds = start.elapsed_time(end) / 1e3
         else:  # the CPU path exists so the probe logic is tested on machines without a GPU
@@ -83,11 +84,9 @@ def time_per_op(op: Callable[[int], None], device, *, warmup_ops: int, warmup_s:
 
 
 def judge_no_cuda(reason: str | None, expected_gpus: int, what: str) -> Verdict:
-    """CUDA not usable from torch: a failure on a GPU node, a skip on a node without GPUs."""
+    """CUDA not usable from torch on a node expected to have GPUs: a failure. (A node expected to have
+    none never gets here: the runner skips checks registered with ``needs_gpus=True`` there.)"""
     expected = {"gpus": expected_gpus}
-    if expected_gpus == 0:
-        return Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs "
-                                    f"({reason or 'no CUDA device visible to torch'})", {}, expected)
     return Verdict(
         Status.FAIL,
         f"no CUDA device visible to torch ({reason or 'unknown reason'}); this node is expected to have "

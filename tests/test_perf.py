@@ -1,30 +1,41 @@
 """Per-GPU performance checks: arithmetic against hand-computed values, the model table, the judges on
 healthy and faulty nodes, the probe code on CPU tensors, and the registered checks on this machine."""
 
+import threading
+import time
+from dataclasses import replace
+from itertools import pairwise
+
 import pytest
 
 from checks import perf
-from checks.perf import (
-    FULL,
+from checks.figures import (
     GPU_TABLE,
-    QUICK,
-    GpuSample,
-    PerfProbe,
-    Settings,
     copy_tbps,
     expected_figure,
-    judge_gpus,
-    judge_no_cuda,
-    judge_perf,
     match_model,
     median,
     tflops,
     thresholds,
     transfer_gbps,
 )
+from checks.node import PerfExpect
+from checks.perf import (
+    BENCHES,
+    FULL,
+    QUICK,
+    Device,
+    GpuSample,
+    PerfProbe,
+    Settings,
+    judge_gpus,
+    judge_perf,
+    probe_gpus,
+)
 from checks.registry import _REGISTRY, Context
 from checks.result import Status
 from checks.runner import run_checks
+from checks.timing import cuda_status, judge_no_cuda, time_per_op
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -54,9 +65,9 @@ def test_transfer_bandwidth_is_one_way_bytes_over_seconds():
 def test_median_and_thresholds():
     assert median([3.0, 1.0, 2.0]) == 2.0
     assert median([1, 2, 3, 4]) == 2.5
-    assert thresholds(None) == (0.8, 0.9)
-    assert thresholds({"floor_ratio": 0.7}) == (0.7, 0.9)
-    assert thresholds({"outlier_ratio": 0.95, "floor_ratio": 0.85}) == (0.85, 0.95)
+    assert thresholds(None) == thresholds(PerfExpect()) == (0.8, 0.9)
+    assert thresholds(PerfExpect(floor_ratio=0.7)) == (0.7, 0.9)
+    assert thresholds(PerfExpect(outlier_ratio=0.95, floor_ratio=0.85)) == (0.85, 0.95)
 
 
 def test_quick_settings_are_smaller_and_shorter_than_full():
@@ -117,16 +128,16 @@ def test_table_uses_the_figures_in_the_facts():
 
 
 def test_expected_figure_prefers_node_perf_then_table_then_none():
-    assert expected_figure("gemm_tflops", "NVIDIA H200", {"gemm_tflops": 700}).value == 700.0
-    assert expected_figure("gemm_tflops", "NVIDIA H200", {"gemm_tflops": 700}).source == "node.perf.gemm_tflops"
-    table = expected_figure("gemm_tflops", "NVIDIA H200", {})
+    assert expected_figure("gemm_tflops", "NVIDIA H200", PerfExpect(gemm_tflops=700)).value == 700.0
+    assert expected_figure("gemm_tflops", "NVIDIA H200", PerfExpect(gemm_tflops=700)).source == "node.perf.gemm_tflops"
+    table = expected_figure("gemm_tflops", "NVIDIA H200", PerfExpect(copy_tbps=9.0))  # another figure set
     assert (table.value, table.source) == (770.0, "table: H200")
     unknown = expected_figure("gemm_tflops", "NVIDIA B200", None)
     assert unknown.value is None and "no table entry" in unknown.source
     missing = expected_figure("d2h_gbps", "NVIDIA A100-SXM4-80GB", None)
     assert missing.value is None and "no d2h_gbps figure for A100" in missing.source
     # an override applies to any model, known or not
-    assert expected_figure("copy_tbps", "NVIDIA B200", {"copy_tbps": 7.0}).value == 7.0
+    assert expected_figure("copy_tbps", "NVIDIA B200", PerfExpect(copy_tbps=7.0)).value == 7.0
 
 
 # --- judges -----------------------------------------------------------------------------------------
@@ -181,12 +192,12 @@ def test_single_gpu_of_unknown_model_has_nothing_to_fail_against():
 
 def test_node_perf_overrides_table_and_ratios():
     samples = gemm_node([790] * 8)
-    assert all(v.status is Status.FAIL for v in judge_gpus(samples, ["gemm_tflops"], {"gemm_tflops": 1000}, 8))
-    relaxed = {"gemm_tflops": 1000, "floor_ratio": 0.7}
+    assert all(v.status is Status.FAIL for v in judge_gpus(samples, ["gemm_tflops"], PerfExpect(gemm_tflops=1000), 8))
+    relaxed = PerfExpect(gemm_tflops=1000, floor_ratio=0.7)
     assert all(v.status is Status.PASS for v in judge_gpus(samples, ["gemm_tflops"], relaxed, 8))
     values = [800] * 8
     values[3] = 700
-    lenient = judge_gpus(gemm_node(values), ["gemm_tflops"], {"outlier_ratio": 0.8}, 8)
+    lenient = judge_gpus(gemm_node(values), ["gemm_tflops"], PerfExpect(outlier_ratio=0.8), 8)
     assert all(v.status is Status.PASS for v in lenient)
     assert lenient[3].expected["gemm_tflops_min_vs_median"].value == 0.8
 
@@ -224,13 +235,11 @@ def test_fewer_gpus_than_expected_adds_a_warning():
     assert "torch sees 7 of the 8 expected GPUs" in verdicts[-1].message
 
 
-def test_no_cuda_fails_on_a_gpu_node_and_skips_on_a_cpu_node():
+def test_no_cuda_fails_on_a_gpu_node():
     v = judge_no_cuda("torch 2.13.0+cpu is a CPU-only build", 8, "the GEMM benchmark")
     assert v.status is Status.FAIL
     assert v.message.startswith("no CUDA device visible to torch (torch 2.13.0+cpu is a CPU-only build)")
     assert "8 GPU(s)" in v.message and "gpu.driver" in v.remediation
-    skip = judge_no_cuda("torch 2.13.0+cpu is a CPU-only build", 0, "the GEMM benchmark")
-    assert skip.status is Status.SKIP and "expected to have no GPUs" in skip.message
     [again] = judge_perf(PerfProbe(False, "no driver"), ["gemm_tflops"], None, 8, "the GEMM benchmark")
     assert again.status is Status.FAIL and "(no driver)" in again.message
 
@@ -245,7 +254,7 @@ TINY = Settings(gemm_n=64, gemm_buffers=2, copy_bytes=64 * 1024, copy_buffers=3,
 def test_time_per_op_warms_up_then_times_rotating_ops():
     torch = pytest.importorskip("torch")
     seen = []
-    seconds = perf.time_per_op(seen.append, torch.device("cpu"), warmup_ops=2, warmup_s=0.0, repeats=3, iters=4)
+    seconds = time_per_op(seen.append, torch.device("cpu"), warmup_ops=2, warmup_s=0.0, repeats=3, iters=4)
     assert seen == list(range(2 + 3 * 4))  # op numbers run in order: buffers are picked by i % n
     assert seconds >= 0
 
@@ -254,22 +263,104 @@ def test_measurements_on_cpu_tensors_give_positive_figures():
     torch = pytest.importorskip("torch")
     cpu = torch.device("cpu")
     gemm, detail = perf.measure_gemm(cpu, TINY)
-    assert gemm > 0 and detail == {"dtype": "bfloat16", "gemm_size": 64}
+    assert gemm["gemm_tflops"] > 0 and detail == {"dtype": "bfloat16", "gemm_size": 64}
     copy, detail = perf.measure_copy(cpu, TINY)
-    assert copy > 0 and detail == {"copy_bytes": 64 * 1024}
-    up, down, _ = perf.measure_host(cpu, TINY, pinned=False)
-    assert up > 0 and down > 0
+    assert copy["copy_tbps"] > 0 and detail == {"copy_bytes": 64 * 1024}
+    host, detail = perf.measure_host(cpu, TINY)  # pageable on the CPU: nothing to pin for
+    assert host["h2d_gbps"] > 0 and host["d2h_gbps"] > 0 and detail == {"transfer_bytes": 64 * 1024}
 
 
 def test_cuda_status_explains_why_there_is_no_device():
     torch = pytest.importorskip("torch")
-    usable, count, reason = perf.cuda_status()
+    usable, count, reason = cuda_status()
     if torch.cuda.is_available():
         assert usable and count >= 1 and reason is None
     else:
         assert not usable and count == 0 and reason
         if torch.version.cuda is None:
             assert "CPU-only build" in reason
+
+
+# --- all GPUs at once, then one at a time: proven with CPU stand-in devices whose op sleeps ----------------
+
+OP_S = 0.25  # one stand-in "benchmark" on one device: 5 ops of 50 ms through the real timing path
+STAND_IN = Settings(gemm_n=64, gemm_buffers=2, copy_bytes=1024, copy_buffers=3, host_bytes=1024, host_buffers=2,
+                    warmup_ops=1, warmup_s=0.0, repeats=2, iters=2)
+
+
+def cpu_devices(n):
+    torch = pytest.importorskip("torch")
+    return [Device(i, "CPU stand-in", torch.device("cpu")) for i in range(n)]
+
+
+def sleeping(intervals, fail_on=None):
+    """A benchmark body that sleeps (sleep releases the GIL, as waiting on a GPU does) and records when it ran."""
+
+    def measure(device, s):
+        start = time.monotonic()
+        seconds = time_per_op(lambda i: time.sleep(OP_S / 5), device, warmup_ops=s.warmup_ops, warmup_s=s.warmup_s,
+                              repeats=s.repeats, iters=s.iters)
+        intervals.append((start, time.monotonic(), threading.current_thread().name))
+        if fail_on is not None and len(intervals) == fail_on:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return {m: 1.0 / seconds for m in ("gemm_tflops", "copy_tbps", "h2d_gbps", "d2h_gbps")}, {}
+
+    return measure
+
+
+def test_gemm_and_copy_are_concurrent_and_host_transfers_serial():
+    assert BENCHES["gemm"].concurrent and BENCHES["memory"].concurrent
+    assert not BENCHES["pcie"].concurrent  # GPUs share the host's memory bandwidth and PCIe switches
+
+
+@pytest.mark.parametrize("bench", ["gemm", "memory"])
+def test_concurrent_phase_measures_every_device_at_once(bench):
+    n, intervals = 4, []
+    started = time.monotonic()
+    probe = probe_gpus(replace(BENCHES[bench], measure=sleeping(intervals)), True, devices=cpu_devices(n),
+                       settings=STAND_IN)
+    wall = time.monotonic() - started
+    assert probe.available and [s.index for s in probe.samples] == list(range(n))
+    assert all(s.error is None and s.values for s in probe.samples)
+    assert len(intervals) == n and len({name for _, _, name in intervals}) == n  # one thread per device
+    assert max(start for start, _, _ in intervals) < min(end for _, end, _ in intervals)  # all ran together
+    assert wall < (n - 1) * OP_S, f"{n} devices took {wall:.2f} s, one takes {OP_S} s"  # ~1 op time, not n
+
+
+def test_serial_phase_measures_one_device_after_another():
+    n, intervals = 4, []
+    started = time.monotonic()
+    probe = probe_gpus(replace(BENCHES["pcie"], measure=sleeping(intervals)), True, devices=cpu_devices(n),
+                       settings=STAND_IN)
+    wall = time.monotonic() - started
+    assert [s.index for s in probe.samples] == list(range(n)) and all(s.error is None for s in probe.samples)
+    for (_, end, _), (start, _, _) in pairwise(intervals):
+        assert start >= end  # never two devices at once
+    assert wall >= n * OP_S * 0.95
+
+
+def test_a_device_that_fails_in_the_concurrent_phase_fails_alone():
+    intervals = []
+    probe = probe_gpus(replace(BENCHES["gemm"], measure=sleeping(intervals, fail_on=1)), True,
+                       devices=cpu_devices(3), settings=STAND_IN)
+    errors = [s.error for s in probe.samples]
+    assert sum(e is not None for e in errors) == 1
+    assert "RuntimeError: CUDA error: an illegal memory access was encountered" in errors
+    assert sum(bool(s.values) for s in probe.samples) == 2
+    [bad] = [v for v in judge_gpus(probe.samples, ["gemm_tflops"], None, 3) if v.status is Status.FAIL]
+    assert "dense GEMM probe failed: RuntimeError: CUDA error" in bad.message
+
+
+@pytest.mark.parametrize("bench", ["gemm", "memory", "pcie"])
+def test_real_benchmarks_on_cpu_stand_in_devices(bench):
+    probe = probe_gpus(bench, True, devices=cpu_devices(2), settings=TINY)
+    assert [s.index for s in probe.samples] == [0, 1]
+    for sample in probe.samples:
+        assert sample.error is None, sample.error
+        assert set(sample.values) == set(BENCHES[bench].metrics) and all(v > 0 for v in sample.values.values())
+    verdicts = judge_perf(probe, list(BENCHES[bench].metrics), None, 2, BENCHES[bench].what)
+    assert [v.subject for v in verdicts] == ["gpu0", "gpu1"]  # judged (median only: no table entry for a CPU)
+    assert all("no table entry for 'CPU stand-in'" in v.message for v in verdicts if v.status is Status.PASS)
 
 
 # --- the registered checks, run as `invoke verify` runs them ----------------------------------------------
@@ -283,9 +374,11 @@ def perf_specs():
     return [_REGISTRY[name] for name in PERF_CHECKS]
 
 
-def test_perf_checks_are_registered_isolated_and_run_in_quick_mode():
+def test_perf_checks_run_in_the_shared_torch_worker_one_benchmark_at_a_time():
     for spec in perf_specs():
-        assert spec.group == "perf" and spec.isolate and not spec.slow and spec.timeout_s
+        assert spec.group == "perf" and spec.worker == "torch" and not spec.isolate
+        assert spec.exclusive and spec.needs_gpus and spec.needs == ("gpu.driver", "cuda.torch")
+        assert not spec.slow and spec.timeout_s
 
 
 def test_registered_checks_on_a_gpu_node_without_cuda_fail_with_the_reason(cu117):
