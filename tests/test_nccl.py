@@ -2,17 +2,21 @@
 documented formats, plus the shared real outputs when present), a real all-reduce over gloo on CPU
 (the same process orchestration as the NCCL one), and the registered check on this machine. Its
 two-verdict path (torch + nccl-tests) is exercised in-process with torch's probe replaced by a
-hand-made AllreduceProbe and a fake ``all_reduce_perf`` on PATH that is run for real."""
+hand-made AllreduceProbe and a fake ``all_reduce_perf`` on PATH that is run for real. Rank faults are
+injected from outside, through the process layer: a ``sitecustomize.py`` on the ranks' PYTHONPATH."""
 
 import os
 import stat
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from checks import nccl
+from checks.figures import Expectation
 from checks.nccl import (
     AllreduceProbe,
     algbw_gbps,
@@ -25,7 +29,7 @@ from checks.nccl import (
     parse_nccl_tests,
     probe_allreduce,
 )
-from checks.perf import Expectation
+from checks.node import PerfExpect
 from checks.registry import _REGISTRY, Context
 from checks.result import Status
 from checks.runner import run_checks
@@ -123,11 +127,11 @@ def test_algbw_and_busbw_match_hand_computed_values():
 
 
 def test_measurement_size_defaults_and_overrides():
-    assert measurement_bytes({}, quick=False) == GiB
-    assert measurement_bytes({}, quick=True) == 256 * MiB
-    assert measurement_bytes({"perf": {"allreduce_bytes": 4 * GiB}}, quick=False) == 4 * GiB
-    assert measurement_bytes({"perf": {"allreduce_bytes": 4 * GiB}}, quick=True) == 256 * MiB
-    assert measurement_bytes({"perf": {"allreduce_bytes": 64 * MiB}}, quick=True) == 64 * MiB
+    assert measurement_bytes(PerfExpect(), quick=False) == GiB
+    assert measurement_bytes(PerfExpect(), quick=True) == 256 * MiB
+    assert measurement_bytes(PerfExpect(allreduce_bytes=4 * GiB), quick=False) == 4 * GiB
+    assert measurement_bytes(PerfExpect(allreduce_bytes=4 * GiB), quick=True) == 256 * MiB
+    assert measurement_bytes(PerfExpect(allreduce_bytes=64 * MiB), quick=True) == 64 * MiB
 
 
 @pytest.mark.parametrize("device, ranks, perf, value", [
@@ -137,8 +141,9 @@ def test_measurement_size_defaults_and_overrides():
     ("NVIDIA A800-SXM4-80GB", 8, None, 153.0),  # derived: ~2/3 of A100 (FACTS)
     ("NVIDIA H800", 8, None, None),  # no public figure
     ("NVIDIA H100 80GB HBM3", 4, None, None),  # the table is for 8-GPU nodes
-    ("NVIDIA H100 80GB HBM3", 4, {"allreduce_busbw_gbps": 300}, 300.0),
-    ("A800", 8, {"allreduce_busbw_gbps": 160}, 160.0),
+    ("NVIDIA H100 80GB HBM3", 4, PerfExpect(allreduce_busbw_gbps=300), 300.0),
+    ("A800", 8, PerfExpect(allreduce_busbw_gbps=160), 160.0),
+    ("A800", 8, PerfExpect(gemm_tflops=100), 153.0),  # other figures set: the table still gives busbw
     ("A800", 8, None, 153.0),  # node.gpu_model as the name when no device name came back
 ])
 def test_expected_busbw(device, ranks, perf, value):
@@ -167,8 +172,8 @@ def test_slow_allreduce_fails_below_the_floor():
     v = judge_allreduce(probe_at(300.0), None)
     assert v.status is Status.FAIL and "0.63x the expected 475 GB/s" in v.message
     assert "NCCL_DEBUG=INFO" in v.remediation
-    assert judge_allreduce(probe_at(300.0), {"floor_ratio": 0.6}).status is Status.PASS
-    assert judge_allreduce(probe_at(300.0), {"allreduce_busbw_gbps": 310}).status is Status.PASS
+    assert judge_allreduce(probe_at(300.0), PerfExpect(floor_ratio=0.6)).status is Status.PASS
+    assert judge_allreduce(probe_at(300.0), PerfExpect(allreduce_busbw_gbps=310)).status is Status.PASS
 
 
 def test_wrong_sums_fail_whatever_the_speed():
@@ -344,10 +349,68 @@ def test_real_allreduce_over_gloo_sums_right_and_times(gloo):
     assert v.status is Status.PASS and "across 3 gloo ranks" in v.message and v.measured["busbw"].value > 0
 
 
-def test_missing_peers_are_killed_at_the_deadline(gloo):
-    probe = probe_allreduce(2, MiB, backend="gloo", deadline_s=2.0, init_timeout_s=60, launch=1)
-    assert probe.timed_out and probe.seconds is None
-    assert probe.errors[0].startswith("rank 0: no result (killed at the deadline")
+# A rank fault from outside the production code: the ranks' PYTHONPATH is this process's sys.path
+# (checks.proc.child_env), so a sitecustomize.py on it runs first in every rank and picks its own by argv.
+SITECUSTOMIZE = """\
+import os, time
+argv = open("/proc/self/cmdline", "rb").read().split(b"\\0")
+fault = os.environ.get("PEFTNODE_TEST_RANK_FAULT", "")
+if fault and b"rank_entry" in b" ".join(argv):
+    rank, _, what = fault.partition(":")
+    if argv[3] == rank.encode():
+        if what == "hang":
+            time.sleep(600)
+        elif what == "exit":
+            print("rank " + rank + ": injected exit")
+            os._exit(3)
+"""
+
+
+@pytest.fixture
+def rank_fault(tmp_path, monkeypatch):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    monkeypatch.syspath_prepend(str(inject))
+
+    def set_fault(spec):
+        monkeypatch.setenv("PEFTNODE_TEST_RANK_FAULT", spec)
+
+    return set_fault
+
+
+def rank_processes():
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if "checks.nccl.allreduce import rank_entry" in " ".join(p.cmdline()):
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_hung_rank_and_its_waiting_peer_are_killed_at_the_deadline(gloo, rank_fault):
+    rank_fault("1:hang")  # rank 1 never joins: rank 0 waits in the rendezvous
+    started = time.monotonic()
+    probe = probe_allreduce(2, MiB, backend="gloo", deadline_s=4.0, init_timeout_s=60)
+    assert time.monotonic() - started < 4.0 + 10  # the deadline, then the kill
+    assert probe.timed_out and probe.seconds is None and probe.leftover == []
+    assert probe.errors == ["rank 0: no result (killed at the deadline, 4 s after the start)",
+                            "rank 1: no result (killed at the deadline, 4 s after the start)"]
+    v = judge_allreduce(probe, None)
+    assert v.status is Status.FAIL and v.message.startswith("all-reduce of 1 MiB across 2 gloo ranks did not finish")
+    assert rank_processes() == []
+
+
+def test_a_rank_that_dies_ends_the_wait_of_its_peers_after_the_grace(gloo, rank_fault):
+    rank_fault("1:exit")
+    started = time.monotonic()
+    probe = probe_allreduce(2, MiB, backend="gloo", deadline_s=120.0, init_timeout_s=60, grace_s=1.0)
+    assert time.monotonic() - started < 60  # not the deadline, not the init timeout
+    assert probe.errors == ["rank 0: no result (killed 1 s after rank 1 ended without a result)",
+                            "rank 1: no result (exited with code 3): rank 1: injected exit"]
+    assert probe.leftover == [] and rank_processes() == []
     assert judge_allreduce(probe, None).status is Status.FAIL
 
 
@@ -364,9 +427,11 @@ def node_ctx(stack, gpus, quick=True, **extra):
     return Context(stack.data, {**stack.expectations(), "gpus": gpus, **extra}, quick=quick)
 
 
-def test_one_nccl_check_registered_isolated_with_time_for_both_measurements():
+def test_one_nccl_check_launched_from_the_shared_torch_worker_with_time_for_both_measurements():
     [spec] = specs("nccl.allreduce")
-    assert spec.group == "nccl" and spec.isolate and spec.timeout_s > 2 * nccl.DEADLINE_S
+    assert spec.group == "nccl" and spec.worker == "torch" and not spec.isolate
+    assert spec.target == "checks.nccl:nccl_allreduce" and spec.exclusive and spec.needs_gpus
+    assert spec.timeout_s > 2 * nccl.DEADLINE_S
     assert "nccl.tests" not in _REGISTRY and "nccl-tests" in spec.title
     assert not hasattr(nccl, "load_torch_figure") and not hasattr(nccl, "FRESH_S")  # no side file any more
 

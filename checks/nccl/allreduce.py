@@ -1,37 +1,19 @@
-"""NCCL all-reduce across the node's GPUs: torch.distributed (always) and nccl-tests (when installed).
+"""The torch.distributed all-reduce: one rank process per GPU, right sums and bus bandwidth.
 
-``nccl.allreduce`` returns two verdicts from one call. ``torch``: one process per visible GPU
-(``python -c``, rendezvous on a free loopback port, ``init_process_group`` with a timeout as the
-watchdog) checks the reduced values (rank r sends r+1, every element must come back as n(n+1)/2) and
-measures one large all-reduce the way nccl-tests does: ``algbw = bytes / seconds`` and
-``busbw = algbw x 2(n-1)/n``. One size, not a sweep: nccl-tests' "Avg bus bandwidth" averages every
-size of a sweep and reads far below the large-message figure. ``nccl-tests``: ``all_reduce_perf``
-(NVIDIA/nccl-tests) at the same size and rank count when it is on PATH or where the nccl_tests role
-installs it (``/usr/local/nccl-tests/bin``; a skip when neither), judged
-with the torch busbw of the same call beside its own. The preconditions (0 or 1 GPU expected, no
-CUDA, fewer than 2 devices) are one verdict; without CUDA but with ``all_reduce_perf`` on PATH,
-all_reduce_perf runs anyway to say what is wrong in its own words.
-
-Defaults: 1 GiB full (node.perf.allreduce_bytes overrides), 256 MiB with ``--quick`` (at most
-node.perf.allreduce_bytes). 256 MiB reads ~10 % under 1 GiB on NVSwitch nodes (the shared H100
-sample: 434 vs 470 GB/s), inside the 0.8 floor. Timing: warm-up 3 (quick) / 5 all-reduces, then the
-median of 3 / 5 batches of 5 / 20; the time of an all-reduce is the slowest rank's.
-
-Time on an 8-GPU node with ``--quick``: starting 8 rank processes (torch import, in parallel) ~3-5 s,
-NCCL communicator set-up 2-10 s, 1 + 3 + 15 + 1 all-reduces of 256 MiB at 2-4 ms ~0.1 s: ~10-15 s;
-nccl-tests at one size ~5 s more. With perf's ~20 s, the quick perf + nccl groups take ~35-40 s. Full:
-1 GiB, 1 + 5 + 100 + 1 all-reduces at 5-9 ms ~1 s more.
+The launcher (the nccl.allreduce check, in the run's shared torch worker) starts one ``python -c``
+rank per visible GPU through :mod:`checks.proc` (own session, deadline, whole-tree kill, exit and log
+tail). The ranks meet through a rendezvous file in their temporary directory (no port to pick, none to
+race for), initialise the process group with a timeout as the watchdog, check the reduced values (rank r
+sends r+1, every element must come back as n(n+1)/2) and time one large all-reduce the way nccl-tests
+does: ``algbw = bytes / seconds``, ``busbw = algbw x 2(n-1)/n``. Each rank writes what it saw to
+``rank<N>.json`` whatever happens; a rank that fails leaves its peers waiting in a collective, so
+``grace_s`` after the first failure (or at the deadline) the rest are killed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,9 +21,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from checks.figures import GPU_TABLE, Expectation, ModelFigures, expected_figure, thresholds
-from checks.registry import Context, check
+from checks.node import PerfExpect
+from checks.proc import Exit, Process, child_env, python_argv
 from checks.result import Status, Value, Verdict
-from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
+from checks.timing import first_line, time_per_op
 
 MiB = 1 << 20
 DEFAULT_BYTES = 1024 * MiB
@@ -70,18 +53,17 @@ def expected_sum(ranks: int) -> float:
     return ranks * (ranks + 1) / 2
 
 
-def measurement_bytes(node: dict, quick: bool) -> int:
-    perf = node.get("perf") if isinstance(node, dict) else node.perf.given()
-    configured = (perf or {}).get("allreduce_bytes")
-    size = int(configured) if configured else DEFAULT_BYTES
+def measurement_bytes(perf: PerfExpect, quick: bool) -> int:
+    """node.perf.allreduce_bytes (default 1 GiB); ``--quick`` caps it at 256 MiB."""
+    size = int(perf.allreduce_bytes) if perf.allreduce_bytes else DEFAULT_BYTES
     return min(size, QUICK_BYTES) if quick else size
 
 
-def expected_busbw(device_name: str | None, ranks: int, node_perf: dict | None,
+def expected_busbw(device_name: str | None, ranks: int, perf: PerfExpect | None,
                    table: dict[str, ModelFigures] = GPU_TABLE) -> Expectation:
     """node.perf.allreduce_busbw_gbps, else the table's figure when the node has 8 GPUs of a known model."""
-    if (node_perf or {}).get("allreduce_busbw_gbps") is not None:
-        return Expectation(float(node_perf["allreduce_busbw_gbps"]), "node.perf.allreduce_busbw_gbps")
+    if perf is not None and perf.allreduce_busbw_gbps is not None:
+        return Expectation(float(perf.allreduce_busbw_gbps), "node.perf.allreduce_busbw_gbps")
     if ranks != TABLE_RANKS:
         return Expectation(None, f"the table's figures are for {TABLE_RANKS}-GPU nodes and this run has {ranks}")
     return expected_figure("allreduce_busbw_gbps", device_name, None, table)
@@ -93,14 +75,14 @@ REMEDIATION_NCCL = (
     "(`nvidia-smi topo -p2p r`), and that no other job uses the GPUs.")
 
 
-def _fabric_hint(text: str) -> str:
+def fabric_hint(text: str) -> str:
     if "system not yet initialized" in text:
         return ("CUDA reports 'system not yet initialized' on NVSwitch systems until nvidia-fabricmanager runs "
                 "with the driver's exact version: `systemctl status nvidia-fabricmanager`. ")
     return ""
 
 
-def _judge_busbw(busbw: float, exp: Expectation, floor_ratio: float, what: str,
+def judge_busbw(busbw: float, exp: Expectation, floor_ratio: float, what: str,
                  measured: dict, expected: dict) -> Verdict:
     if exp.value is None or exp.value <= 0:
         return Verdict(Status.PASS, f"{what}: busbw {busbw:.4g} GB/s (not judged: {exp.source}; set "
@@ -129,17 +111,15 @@ class AllreduceProbe:
     wrong: int = 0  # elements that came back wrong (first and last check together)
     max_abs_error: float | None = None
     errors: list[str] = field(default_factory=list)  # "rank 3: ..."
-    timed_out: bool = False
+    timed_out: bool = False  # ranks were still running at the deadline (or the grace after a failure)
+    leftover: list[int] = field(default_factory=list)  # pids that survived the kill (there should be none)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+RANK_CODE = "import sys; from checks.nccl.allreduce import rank_entry; rank_entry(sys.argv[1:])"
 
 
 def _rank_main(rank: int, cfg: dict, out_dir: str) -> None:
-    """One rank: runs in its own spawned process; writes rank<N>.json whatever happens."""
+    """One rank: runs in its own process; writes rank<N>.json whatever happens."""
     os.environ.setdefault("NCCL_ASYNC_ERROR_HANDLING", "1")  # torch < 2.2: honour the timeout on hangs
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # torch >= 2.2
     if cfg["backend"] == "gloo":
@@ -188,6 +168,12 @@ def _rank_main(rank: int, cfg: dict, out_dir: str) -> None:
         os.replace(tmp, Path(out_dir, f"rank{rank}.json"))
 
 
+def rank_entry(argv: list[str]) -> None:
+    """``python -c RANK_CODE RANK CFG.json OUT_DIR``."""
+    rank, cfg_path, out_dir = argv
+    _rank_main(int(rank), json.loads(Path(cfg_path).read_text()), out_dir)
+
+
 def _read_rank(out_dir: str, rank: int) -> dict | None:
     try:
         return json.loads(Path(out_dir, f"rank{rank}.json").read_text())
@@ -195,73 +181,54 @@ def _read_rank(out_dir: str, rank: int) -> dict | None:
         return None
 
 
-def rank_entry(argv: list[str]) -> None:
-    """``python -c 'from checks.nccl import rank_entry; rank_entry(sys.argv[1:])' RANK CFG.json OUT_DIR``."""
-    rank, cfg_path, out_dir = argv
-    _rank_main(int(rank), json.loads(Path(cfg_path).read_text()), out_dir)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
 def probe_allreduce(ranks: int, nbytes: int, *, backend: str = "nccl", warmup: int = 5, repeats: int = 5,
                     iters: int = 20, deadline_s: float = DEADLINE_S, init_timeout_s: float = INIT_TIMEOUT_S,
-                    grace_s: float = 10.0, launch: int | None = None) -> AllreduceProbe:
+                    grace_s: float = 10.0) -> AllreduceProbe:
     """Start ``ranks`` processes, all-reduce ``nbytes`` of float32, collect what each rank saw.
 
-    Ranks are plain ``python -c`` processes (not multiprocessing: nothing depends on the parent's
-    ``__main__``). A rank that fails leaves the others waiting in a collective: ``grace_s`` after the
-    first failure (or at ``deadline_s``) the rest are killed. ``launch`` starts fewer ranks than
-    ``ranks`` (to test the deadline: the started ones wait for peers that never come)."""
+    Ranks are plain ``python -c`` processes (not multiprocessing: nothing depends on the launcher's
+    ``__main__``, and nothing of its CUDA state is inherited). Whatever happens, every rank's process
+    tree is gone when this returns."""
     probe = AllreduceProbe(ranks, nbytes, backend)
-    cfg = {"world": ranks, "backend": backend, "nbytes": nbytes, "warmup": warmup, "repeats": repeats,
-           "iters": iters, "init_timeout_s": init_timeout_s, "init_method": f"tcp://127.0.0.1:{free_port()}"}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    code = "import sys; from checks.nccl import rank_entry; rank_entry(sys.argv[1:])"
     with tempfile.TemporaryDirectory(prefix="peftnode-allreduce-") as out_dir:
+        cfg = {"world": ranks, "backend": backend, "nbytes": nbytes, "warmup": warmup, "repeats": repeats,
+               "iters": iters, "init_timeout_s": init_timeout_s,
+               "init_method": Path(out_dir, "rendezvous").as_uri()}  # a FileStore: no port to pick
         cfg_path = Path(out_dir, "cfg.json")
         cfg_path.write_text(json.dumps(cfg))
-        procs: list[subprocess.Popen] = []
+        env = child_env()
+        procs: list[Process] = []
+        exits: list[Exit] = []
+        why_killed = f"killed at the deadline, {deadline_s:g} s after the start"
         try:
-            for r in range(ranks if launch is None else launch):
-                with open(Path(out_dir, f"rank{r}.log"), "wb") as log:
-                    procs.append(subprocess.Popen([sys.executable, "-c", code, str(r), str(cfg_path), out_dir],
-                                                  stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                                  env=env))
+            for r in range(ranks):
+                procs.append(Process(python_argv("-c", RANK_CODE, str(r), str(cfg_path), out_dir), env=env,
+                                     log_path=Path(out_dir, f"rank{r}.log")))
             deadline = time.monotonic() + deadline_s
-            while any(p.poll() is None for p in procs):
+            while any(p.alive() for p in procs):
                 for r, p in enumerate(procs):
-                    if p.poll() is not None:
-                        got = _read_rank(out_dir, r)
-                        if got is None or not got.get("ok"):
-                            deadline = min(deadline, time.monotonic() + grace_s)
+                    got = None if p.alive() else _read_rank(out_dir, r)
+                    if not p.alive() and not (got and got.get("ok")) and time.monotonic() + grace_s < deadline:
+                        deadline = time.monotonic() + grace_s  # its peers wait for it in a collective
+                        why_killed = f"killed {grace_s:g} s after rank {r} ended without a result"
                 if time.monotonic() > deadline:
                     probe.timed_out = True
                     break
                 time.sleep(0.05)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
+        finally:  # also on Ctrl-C or an error here: no rank outlives the probe
+            exits = [p.finish(timed_out=p.alive()) for p in procs]
         results = {r: _read_rank(out_dir, r) for r in range(len(procs))}
-        logs = {r: _last_line(Path(out_dir, f"rank{r}.log")) for r in range(len(procs))}
-    waited = f"{deadline_s:g} s" if probe.timed_out else "its exit"
-    for r, p in enumerate(procs):
+    probe.leftover = sorted({pid for ex in exits for pid in ex.leftover})
+    for r, ex in enumerate(exits):
         got = results[r]
         if got is None:
-            how = "killed at the deadline" if p.returncode == -9 and probe.timed_out else f"exit code {p.returncode}"
-            tail = f": {logs[r]}" if logs[r] else ""
-            probe.errors.append(f"rank {r}: no result ({how}; waited {waited}){tail}")
+            how = why_killed if ex.timed_out else ex.describe()
+            line = ex.last_line()
+            probe.errors.append(f"rank {r}: no result ({how})" + (f": {line}" if line else ""))
         elif not got.get("ok"):
             probe.errors.append(f"rank {r}: {got.get('error', 'failed')}")
-    if launch is not None and launch < ranks:
-        probe.errors.append(f"ranks {launch}..{ranks - 1} were not started (launch={launch})")
+    if probe.leftover:
+        probe.errors.append(f"rank processes outlived the kill: pids {', '.join(map(str, probe.leftover))}")
     rank0 = results.get(0) or {}
     probe.device = rank0.get("device")
     done = [g for g in results.values() if g and g.get("ok")]
@@ -272,7 +239,7 @@ def probe_allreduce(ranks: int, nbytes: int, *, backend: str = "nccl", warmup: i
     return probe
 
 
-def judge_allreduce(probe: AllreduceProbe, node_perf: dict | None,
+def judge_allreduce(probe: AllreduceProbe, perf: PerfExpect | None,
                     table: dict[str, ModelFigures] = GPU_TABLE) -> Verdict:
     unit = "GPUs" if probe.backend == "nccl" else f"{probe.backend} ranks"
     what = f"all-reduce of {probe.nbytes / MiB:g} MiB across {probe.ranks} {unit}"
@@ -284,7 +251,7 @@ def judge_allreduce(probe: AllreduceProbe, node_perf: dict | None,
         text = "; ".join(probe.errors[:3]) + (f"; and {len(probe.errors) - 3} more" if len(probe.errors) > 3 else "")
         head = "did not finish" if probe.timed_out else "failed"
         return Verdict(Status.FAIL, f"{what} {head}: {text}", measured, expected,
-                       _fabric_hint(text) + REMEDIATION_NCCL)
+                       fabric_hint(text) + REMEDIATION_NCCL)
     if probe.seconds is None or probe.seconds <= 0:
         return Verdict(Status.ERROR, f"{what}: no timing came back", measured, expected)
     measured["wrong_elements"] = probe.wrong
@@ -300,218 +267,8 @@ def judge_allreduce(probe: AllreduceProbe, node_perf: dict | None,
     busbw = allreduce_busbw(algbw, probe.ranks)
     measured.update(time=Value(round(probe.seconds * 1e6, 2), "us"), algbw=Value(round(algbw, 3), "GB/s"),
                     busbw=Value(round(busbw, 3), "GB/s"))
-    exp = expected_busbw(probe.device, probe.ranks, node_perf, table)
-    return _judge_busbw(busbw, exp, thresholds(node_perf)[0], what, measured, expected)
-
-
-def _preconditions(ctx: Context, what: str) -> Verdict | None:
-    gpus = ctx.node.gpus
-    if gpus == 0:
-        return Verdict(Status.SKIP, f"{what}: this node is expected to have no GPUs", {}, {"gpus": 0})
-    if gpus == 1:
-        return Verdict(Status.SKIP, f"{what}: this node is expected to have 1 GPU and an all-reduce needs at "
-                                    "least 2", {}, {"gpus": 1})
-    return None
-
-
-# --- nccl-tests ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class NcclTestsRow:
-    size: int
-    count: int
-    type: str
-    redop: str
-    root: int | None
-    time_us: float | None  # out-of-place
-    algbw: float | None
-    busbw: float | None
-    wrong: int | None  # "#wrong" (None: "N/A" or the old "error" column)
-    in_time_us: float | None
-    in_algbw: float | None
-    in_busbw: float | None
-    in_wrong: int | None
-    error: float | None = None  # old nccl-tests: max error instead of #wrong
-    in_error: float | None = None
-
-
-@dataclass
-class NcclTestsReport:
-    version: str | None = None  # "2.17.8" (newer nccl-tests print it)
-    nccl_library: str | None = None  # "22902"
-    n_threads: int | None = None
-    n_gpus: int | None = None  # per thread
-    min_bytes: int | None = None
-    max_bytes: int | None = None
-    warmup_iters: int | None = None
-    iters: int | None = None
-    devices: list[tuple[int, str]] = field(default_factory=list)  # (rank, device name)
-    rows: list[NcclTestsRow] = field(default_factory=list)
-    avg_busbw: float | None = None
-    out_of_bounds: int | None = None
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # "NCCL WARN" lines (printed with NCCL_DEBUG=WARN/INFO)
-
-    @property
-    def ranks(self) -> int | None:
-        if self.devices:
-            return len(self.devices)
-        if self.n_gpus is not None:
-            return self.n_gpus * (self.n_threads or 1)
-        return None
-
-
-NEW_COLUMNS = ["size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong",
-               "time", "algbw", "busbw", "#wrong"]
-DEVICE_RX = re.compile(r"#\s*Rank\s+(\d+)\s+(?:Group\s+\d+\s+)?Pid\s+\d+\s+on\s+\S+\s+device\s+\d+\s+\[[^\]]*\]\s+(.+)")
-ERROR_RX = re.compile(r"\b(failure|failed|error|abort(ed)?)\b|Segmentation fault", re.IGNORECASE)
-
-
-def _num(text: str, kind=float):
-    try:
-        return kind(text)
-    except ValueError:
-        return None
-
-
-def _int_header(rx: str, text: str) -> int | None:
-    m = re.search(rx, text)
-    return int(m.group(1)) if m else None
-
-
-def _row(tokens: list[str], columns: list[str]) -> NcclTestsRow | None:
-    if len(tokens) != len(columns) or _num(tokens[0], int) is None or _num(tokens[1], int) is None:
-        return None
-    times = [i for i, c in enumerate(columns) if c == "time"]
-    if len(times) != 2:
-        return None
-    lead = dict(zip(columns[:times[0]], tokens[:times[0]], strict=True))
-
-    def side(start: int, end: int) -> tuple:
-        cols = dict(zip(columns[start:end], tokens[start:end], strict=True))
-        wrong = _num(cols["#wrong"], int) if "#wrong" in cols else None
-        err = _num(cols["error"]) if "error" in cols else None
-        return _num(cols.get("time", "")), _num(cols.get("algbw", "")), _num(cols.get("busbw", "")), wrong, err
-
-    t, a, b, w, e = side(times[0], times[1])
-    ti, ai, bi, wi, ei = side(times[1], len(columns))
-    return NcclTestsRow(int(lead["size"]), int(lead["count"]), lead.get("type", ""), lead.get("redop", ""),
-                        _num(lead["root"], int) if "root" in lead else None, t, a, b, w, ti, ai, bi, wi, e, ei)
-
-
-def parse_nccl_tests(text: str) -> NcclTestsReport:
-    """Parse nccl-tests output (all_reduce_perf and friends): header, devices, rows, average, errors.
-
-    Columns are read from the table's own header line, so the older layout (``error`` instead of
-    ``#wrong``, no ``root``) and the newer, wider one both parse; without a header line the newer layout
-    is assumed. Error lines (``Test CUDA failure ...``, ``NCCL WARN``) are collected in order."""
-    report = NcclTestsReport()
-    columns = NEW_COLUMNS
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        if line.startswith("#"):
-            body = line.lstrip("#").strip()
-            m = re.match(r"nccl-tests version\s+(\S+)", body)
-            if m:
-                report.version = m.group(1)
-                lib = re.search(r"nccl-library=(\d+)", body)
-                report.nccl_library = lib.group(1) if lib else None
-            if re.match(r"nThread\s+\d+", body):
-                report.n_threads = _int_header(r"nThread\s+(\d+)", body)
-                report.n_gpus = _int_header(r"nGpus\s+(\d+)", body)
-                report.min_bytes = _int_header(r"minBytes\s+(\d+)", body)
-                report.max_bytes = _int_header(r"maxBytes\s+(\d+)", body)
-                report.warmup_iters = _int_header(r"warmup iters:\s*(\d+)", body)
-                report.iters = _int_header(r"(?<!warmup )(?<!agg )iters:\s*(\d+)", body)
-            m = DEVICE_RX.match(line)
-            if m:
-                report.devices.append((int(m.group(1)), m.group(2).strip()))
-            tokens = body.split()
-            if tokens[:2] == ["size", "count"] and tokens.count("time") == 2:
-                columns = tokens
-            m = re.match(r"Avg bus bandwidth\s*:\s*([0-9.eE+-]+)", body)
-            if m:
-                report.avg_busbw = float(m.group(1))
-            m = re.match(r"Out of bounds values\s*:\s*(\d+)\s*(\w*)", body)
-            if m:
-                report.out_of_bounds = int(m.group(1))
-                if report.out_of_bounds:
-                    report.errors.append(line)
-            continue
-        row = _row(line.split(), columns)
-        if row is not None:
-            report.rows.append(row)
-        elif " NCCL WARN " in f" {line} ":
-            report.warnings.append(line)
-        elif " NCCL INFO " in f" {line} ":  # NCCL_DEBUG=INFO chatter ("Failed to find plugin ...") is not an error
-            continue
-        elif ERROR_RX.search(line):
-            report.errors.append(line)
-    return report
-
-
-def judge_nccl_tests(report: NcclTestsReport, returncode: int | None, exp: Expectation, floor_ratio: float,
-                     torch_busbw: float | None = None, output_tail: str = "") -> Verdict:
-    measured: dict = {}
-    if report.version:
-        measured["nccl_tests"] = report.version
-    if returncode is not None:
-        measured["exit_code"] = returncode
-    if torch_busbw is not None:
-        measured["torch_busbw"] = Value(round(torch_busbw, 3), "GB/s")
-    expected: dict = {}
-    if report.errors:
-        first = report.errors[0]
-        return Verdict(Status.FAIL, f"all_reduce_perf failed: {first}", measured, expected,
-                       _fabric_hint(first) + REMEDIATION_NCCL)
-    if not report.rows:
-        last = output_tail.strip().splitlines()[-1] if output_tail.strip() else "no output"
-        return Verdict(Status.FAIL, f"all_reduce_perf printed no results (exit code {returncode}): {last}",
-                       measured, expected, REMEDIATION_NCCL)
-    row = max(report.rows, key=lambda r: r.size)
-    ranks = report.ranks or 0
-    measured.update(ranks=ranks, bytes=Value(row.size, "B"))
-    if row.time_us is not None:
-        measured["time"] = Value(row.time_us, "us")
-    if row.algbw is not None:
-        measured["algbw"] = Value(row.algbw, "GB/s")
-    if row.in_busbw is not None:
-        measured["busbw_in_place"] = Value(row.in_busbw, "GB/s")
-    wrong = sum(w for w in (row.wrong, row.in_wrong) if w)
-    measured["wrong_elements"] = wrong
-    if wrong or (returncode not in (0, None)):
-        why = f"{wrong} wrong element(s) at {row.size} B" if wrong else f"exit code {returncode}"
-        return Verdict(Status.FAIL, f"all_reduce_perf reported {why}", measured, expected,
-                       "Data corruption or a failed run: check `dmesg` for Xid errors and NVLink counters "
-                       "(`nvidia-smi nvlink -e`); run `dcgmi diag -r 3`.")
-    if row.busbw is None:
-        return Verdict(Status.ERROR, "all_reduce_perf printed a row without busbw", measured, expected)
-    measured["busbw"] = Value(row.busbw, "GB/s")
-    what = f"nccl-tests all_reduce_perf, {row.size / MiB:g} MiB across {ranks} GPUs"
-    if torch_busbw is not None:
-        what += f" (torch nccl.allreduce: {torch_busbw:.4g} GB/s)"
-    verdict = _judge_busbw(row.busbw, exp, floor_ratio, what, measured, expected)
-    if report.warnings and verdict.status is Status.PASS:
-        verdict.status = Status.WARN
-        verdict.message += f"; NCCL warned: {report.warnings[0]}"
-        verdict.remediation = REMEDIATION_NCCL
-    return verdict
-
-
-def run_all_reduce_perf(binary: str, nbytes: int, gpus: int, quick: bool, timeout_s: float) -> tuple[int | None, str]:
-    cmd = [binary, "-b", str(nbytes), "-e", str(nbytes), "-f", "2", "-g", str(gpus)]
-    if quick:
-        cmd += ["-w", "3", "-n", "10"]
-    try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, errors="replace", timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
-        return None, out + f"\nError: all_reduce_perf did not finish within {timeout_s:g} s and was killed"
-    return done.returncode, done.stdout
+    exp = expected_busbw(probe.device, probe.ranks, perf, table)
+    return judge_busbw(busbw, exp, thresholds(perf)[0], what, measured, expected)
 
 
 def torch_busbw(probe: AllreduceProbe) -> float | None:
@@ -519,68 +276,3 @@ def torch_busbw(probe: AllreduceProbe) -> float | None:
     if probe.seconds is None or probe.seconds <= 0 or probe.errors or probe.wrong:
         return None
     return allreduce_busbw(algbw_gbps(probe.nbytes, probe.seconds), probe.ranks)
-
-
-def nccl_tests_verdict(ctx: Context, binary: str, gpus: int, nbytes: int, torch_figure: float | None) -> Verdict:
-    """Run ``all_reduce_perf`` at ``nbytes`` on ``gpus`` GPUs and judge it, the torch figure beside it."""
-    rc, text = run_all_reduce_perf(binary, nbytes, gpus, ctx.quick, DEADLINE_S)
-    report = parse_nccl_tests(text)
-    device = report.devices[0][1] if report.devices else ctx.node.gpu_model
-    exp = expected_busbw(device, report.ranks or gpus, ctx.node.perf.given())
-    verdict = judge_nccl_tests(report, rc, exp, thresholds(ctx.node.perf.given())[0], torch_figure, text[-2000:])
-    verdict.measured["command"] = Value(f"all_reduce_perf -b {nbytes} -e {nbytes} -g {gpus}")
-    verdict.subject = "nccl-tests"
-    return verdict
-
-
-# Where the nccl_tests role installs nccl-tests: a stable link to /usr/local/nccl-tests-<version>
-# (roles/peftnode_nccl_tests, peftnode_nccl_tests_link). Looked in after PATH.
-NCCL_TESTS_DIRS: tuple[str, ...] = ("/usr/local/nccl-tests/bin",)
-
-NO_NCCL_TESTS = "all_reduce_perf (NVIDIA nccl-tests) is not on PATH; the torch figure stands alone"
-
-
-def find_all_reduce_perf(dirs: tuple[str, ...] | None = None) -> str | None:
-    """``all_reduce_perf`` on PATH, else in the nccl_tests role's directories (NCCL_TESTS_DIRS)."""
-    found = shutil.which("all_reduce_perf")
-    for directory in (NCCL_TESTS_DIRS if dirs is None else dirs):
-        if found:
-            break
-        found = shutil.which("all_reduce_perf", path=directory)
-    return found
-
-
-@check("nccl.allreduce", "NCCL all-reduce across the node's GPUs: torch.distributed (right sums, bus bandwidth) "
-                         "and nccl-tests all_reduce_perf beside it when installed",
-       worker="torch", exclusive=True, needs=("gpu.driver", "cuda.torch"),
-       needs_gpus=True, timeout_s=CHECK_TIMEOUT_S)
-def nccl_allreduce(ctx: Context) -> Verdict | list[Verdict]:
-    what = "the NCCL all-reduce"
-    skip = _preconditions(ctx, what)
-    if skip:
-        return skip
-    gpus = ctx.node.gpus
-    binary = find_all_reduce_perf()
-    nbytes = measurement_bytes(ctx.node, ctx.quick)
-    usable, count, reason = cuda_status()
-    if not usable:
-        no_cuda = judge_no_cuda(reason, gpus, what)
-        if binary is None:
-            return no_cuda
-        no_cuda.subject = "torch"  # all_reduce_perf on the expected GPUs says what is wrong in its own words
-        return [no_cuda, nccl_tests_verdict(ctx, binary, gpus, nbytes, None)]
-    if count < 2:
-        return Verdict(Status.FAIL, f"only {count} CUDA device visible to torch; this node is expected to have "
-                                    f"{gpus}, and an all-reduce needs at least 2", {"cuda_devices": count},
-                       {"gpus": gpus}, "See the GPU inventory checks; check CUDA_VISIBLE_DEVICES and `nvidia-smi -L`.")
-    timing = {"warmup": 3, "repeats": 3, "iters": 5} if ctx.quick else {"warmup": 5, "repeats": 5, "iters": 20}
-    probe = probe_allreduce(count, nbytes, **timing)
-    if probe.device is None and ctx.node.gpu_model:
-        probe.device = ctx.node.gpu_model
-    torch_verdict = judge_allreduce(probe, ctx.node.perf.given())
-    torch_verdict.subject = "torch"
-    if binary is None:
-        tests = Verdict(Status.SKIP, NO_NCCL_TESTS, {}, {}, subject="nccl-tests")
-    else:
-        tests = nccl_tests_verdict(ctx, binary, count, nbytes, torch_busbw(probe))
-    return [torch_verdict, tests]
