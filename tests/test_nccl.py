@@ -586,6 +586,57 @@ def test_without_cuda_all_reduce_perf_says_what_is_wrong(cu117, tmp_path, monkey
     assert tests_v.message.startswith("all_reduce_perf failed: nodec: Test NCCL failure")
 
 
+def test_all_reduce_perf_is_found_where_the_role_installs_it(cu117, tmp_path, monkeypatch):
+    installed = tmp_path / "nccl-tests" / "bin"
+    installed.mkdir(parents=True)
+    args = fake_binary(installed, "all_reduce_perf", NEW_8GPU.replace("nGpus 8", "nGpus 2"))
+    monkeypatch.setattr(nccl, "NCCL_TESTS_DIRS", (str(installed),))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(nccl, "cuda_status", lambda: (False, 0, "torch (CPU build): no NVIDIA driver"))
+    assert nccl.find_all_reduce_perf() == str(installed / "all_reduce_perf")
+    assert nccl.find_all_reduce_perf(dirs=()) is None
+    torch_v, tests_v = allreduce(cu117, 2)
+    assert args.read_text().endswith("-g 2 -w 3 -n 10") and torch_v.status is Status.FAIL
+    assert tests_v.subject == "nccl-tests" and tests_v.status is Status.PASS, tests_v.message
+
+
+def script(directory, name, body):
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_all_reduce_perf_that_hangs_is_killed_and_reported(tmp_path):
+    binary = script(tmp_path, "all_reduce_perf", """\
+        import sys, time
+        print("# nThread 1 nGpus 2 minBytes 1024 maxBytes 1024", flush=True)
+        time.sleep(120)
+        """)
+    started = time.monotonic()
+    rc, text = nccl.run_all_reduce_perf(binary, 1024, 2, True, timeout_s=1.0)
+    assert time.monotonic() - started < 10 and rc is None
+    assert text.startswith("# nThread 1 nGpus 2")  # what it printed before the deadline is kept
+    assert text.rstrip().endswith("Error: all_reduce_perf timed out after 1 s and was killed")
+    v = judge_nccl_tests(parse_nccl_tests(text), rc, Expectation(None, "-"), 0.8)
+    assert v.status is Status.FAIL and v.message == ("all_reduce_perf failed: Error: all_reduce_perf timed out "
+                                                     "after 1 s and was killed")
+
+
+def test_all_reduce_perf_that_crashes_after_its_rows_fails(tmp_path):
+    binary = script(tmp_path, "all_reduce_perf", f"""\
+        import os, signal, sys
+        sys.stdout.write({NEW_8GPU!r})
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGSEGV)
+        """)
+    rc, text = nccl.run_all_reduce_perf(binary, 268435456, 8, False, timeout_s=30)
+    report = parse_nccl_tests(text)
+    assert rc is None and len(report.rows) == 2  # the whole output, not a tail
+    assert report.errors == ["Error: all_reduce_perf crashed with SIGSEGV"]
+    assert judge_nccl_tests(report, rc, Expectation(370.0, "t"), 0.8).status is Status.FAIL
+
+
 def test_allreduce_through_a_worker_reports_both_subjects(cu117, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
