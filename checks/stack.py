@@ -175,7 +175,7 @@ NODE_FIELDS: dict[str, Check] = {
     "cuda_home": ABS_PATH,
     "nccl_home": ABS_PATH,
     "cudnn_home": ABS_PATH,
-    # Performance expectations overriding the GPU-model table in checks/perf.py (per GPU, except busbw).
+    # Performance expectations overriding the GPU-model table in checks/figures.py (per GPU, except busbw).
     "perf": Map({}, {
         "gemm_tflops": Number(),  # dense bf16 (fp16 where bf16 is absent) GEMM
         "copy_tbps": Number(),  # device-to-device copy, bytes read + written
