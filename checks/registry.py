@@ -23,8 +23,8 @@ from checks.node import Node
 
 # Modules whose import registers checks, in report order.
 CHECK_MODULES = (
-    "checks.system", "checks.gpu", "checks.dcgm", "checks.cudalibs", "checks.nccl", "checks.perf", "checks.jupyter",
-    "checks.finetune",
+    "checks.system", "checks.python", "checks.gpu", "checks.dcgm", "checks.cuda", "checks.nccl", "checks.perf",
+    "checks.jupyter", "checks.finetune",
 )
 
 DEFAULT_TIMEOUT_S = 120.0

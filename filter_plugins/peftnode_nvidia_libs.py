@@ -17,13 +17,13 @@ import posixpath
 import re
 import sys
 
-# Header parsing is verify's (checks/cudalibs.py): this checkout's copy of the checks package, as
+# Header parsing is verify's (checks/cuda/versions.py): this checkout's copy of the checks package, as
 # lookup_plugins/peftnode_stack.py finds it, else an installed one.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_REPO, "checks", "__init__.py")) and _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from checks.cudalibs import parse_cuda_runtime_header, parse_cudnn_header, parse_nccl_header  # noqa: E402
+from checks.cuda.versions import parse_cuda_runtime_header, parse_cudnn_header, parse_nccl_header  # noqa: E402
 
 PLATFORM = "linux-x86_64"
 

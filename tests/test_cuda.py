@@ -11,31 +11,32 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
-from checks import cudalibs
-from checks.cudalibs import (
-    GpuCompute,
-    LibProbe,
-    ToolkitProbe,
-    TorchProbe,
+from checks.cuda.libs import LibProbe, judge_cudnn, judge_nccl
+from checks.cuda.prefixes import cuda_home_candidates, cudnn_homes, nccl_homes
+from checks.cuda.toolkit import ToolkitProbe, judge_cuda_toolkit, probe_cuda_toolkit
+from checks.cuda.torch_view import GpuCompute, TorchProbe, judge_torch_view, probe_torch
+from checks.cuda.versions import (
     decode_cudart,
     decode_cudnn,
     decode_nccl,
-    judge_cuda_toolkit,
-    judge_cudnn,
-    judge_nccl,
-    judge_torch_view,
+    fmt,
+    major_minor,
     parse_compiler_version,
     parse_cuda_runtime_header,
     parse_cudnn_header,
     parse_nccl_header,
+    parse_version,
     parse_version_json,
     parse_version_txt,
+    same,
 )
-from checks.registry import _REGISTRY, Context
+from checks.node import Node
+from checks.registry import _REGISTRY, Context, all_checks
 from checks.result import Status
 from checks.runner import run_checks
 from checks.stack import load_stack
@@ -80,6 +81,23 @@ def at_prefix(prefix):
 
 
 # --- pure helpers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, release", [
+    ("8.8.1.3", (8, 8, 1, 3)), ("2.14.3", (2, 14, 3)), ("11.7.1", (11, 7, 1)), ("515.65.01", (515, 65, 1)),
+    ("11.7", (11, 7)), (" 12.4 ", (12, 4)),
+    ("1.13.1+cu117", None), ("11.8.0rc1", None), ("2.0.post1", None), ("1!2.0", None), ("", None), (None, None),
+    ("eleven", None), ("11..7", None),
+])
+def test_parse_version_reads_plain_releases_only(text, release):
+    assert parse_version(text) == release
+
+
+def test_release_helpers():
+    assert fmt((2, 14, 3)) == "2.14.3" and fmt(None) is None
+    assert same((8, 8, 1), (8, 8, 1, 3), 3) and not same((8, 8, 1), (8, 8, 1, 3), 4) and not same(None, (1,), 1)
+    assert same((11, 7), (11, 7, 1), 2) and not same((11, 8), (11, 7, 1), 2)
+    assert major_minor("11.7.1") == "11.7" and major_minor("12.4") == "12.4"
+
 
 def test_decode_nccl_both_encodings():
     assert decode_nccl(21403) == (2, 14, 3)
@@ -127,6 +145,55 @@ def test_parse_version_files():
     assert parse_version_json(text) == {"cuda": "11.7.1", "cuda_cudart": "11.7.99"}
     assert parse_version_json("not json") == {}
     assert parse_version_txt("CUDA Version 10.2.89\n") == (10, 2, 89)
+
+
+# --- where to look: the node's homes, else the roles' prefixes -----------------------------------
+
+def test_prefixes_from_the_typed_node():
+    assert cuda_home_candidates(Node(), "11.7.1") == ["/usr/local/cuda-11.7", "/usr/local/cuda"]
+    assert cuda_home_candidates(Node(cuda_home="/opt/cuda"), "11.7.1") == ["/opt/cuda"]
+    assert nccl_homes(Node(), "11.7.1", "2.14.3") == (
+        ["/usr/local/nccl-2.14.3", "/usr/local/cuda-11.7", "/usr/local/cuda"], True)
+    assert nccl_homes(Node(nccl_home="/opt/nccl", cuda_home="/opt/cuda"), "11.7.1", "2.14.3") == (["/opt/nccl"], False)
+    assert cudnn_homes(Node(cuda_home="/opt/cuda"), "12.4.1", "9.1.0.70") == (["/opt/cuda"], True)
+    # what a Context made from a plain mapping holds is the same Node
+    assert cudnn_homes(context(cudnn_home="/opt/cudnn").node, "11.7.1", "8.8.1.3") == (["/opt/cudnn"], False)
+
+
+# --- the compiler's version, through the process layer ------------------------------------------
+
+def fake_tool(prefix: Path, name: str, body: str) -> None:
+    """An executable bin/<name> in a toolkit-like prefix: this machine has no CUDA toolkit."""
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    tool = prefix / "bin" / name
+    tool.write_text("#!/bin/sh\n" + body)
+    tool.chmod(0o755)
+
+
+def test_compiler_version_read_from_nvcc_and_failures_named(tmp_path):
+    fake_tool(tmp_path, "nvcc", f"cat <<'EOF'\n{NVCC_OUT}EOF\n")
+    probe = probe_cuda_toolkit([str(tmp_path / "absent"), str(tmp_path)])
+    assert probe.prefix == str(tmp_path) and probe.tried[0].endswith("absent")
+    assert (probe.compiler_tool, probe.compiler_version, probe.compiler_error) == ("nvcc", "12.4.131", None)
+
+    fake_tool(tmp_path, "nvcc", "echo 'nvcc fatal   : Unknown option' >&2\nexit 1\n")
+    fake_tool(tmp_path, "ptxas", f"cat <<'EOF'\n{PTXAS_OUT}EOF\n")
+    probe = probe_cuda_toolkit([str(tmp_path)])
+    assert (probe.compiler_tool, probe.compiler_version) == ("ptxas", "11.7.99")
+    assert probe.compiler_error == f"{tmp_path}/bin/nvcc --version exited with code 1: nvcc fatal   : Unknown option"
+
+
+def test_a_hanging_compiler_is_killed_at_the_deadline(tmp_path):
+    fake_tool(tmp_path, "nvcc", "sleep 30 &\nwait\n")  # and a child of its own, which must go too
+    fake_tool(tmp_path, "ptxas", "echo 'no version here'\n")
+    started = time.monotonic()
+    probe = probe_cuda_toolkit([str(tmp_path)], timeout_s=0.5)
+    assert time.monotonic() - started < 10
+    assert probe.compiler_version is None
+    assert f"{tmp_path}/bin/nvcc --version timed out after 0.5 s and was killed" in probe.compiler_error
+    assert "bin/ptxas --version printed no release line" in probe.compiler_error
+    v = judge_cuda_toolkit(probe, "11.7.1")
+    assert v.status is Status.FAIL and "no version.json" in v.message  # the prefix holds nothing else
 
 
 # --- judges on hand-made probes --------------------------------------------------------------------
@@ -253,8 +320,6 @@ def test_torch_view_cpu_build_and_import_error():
     [v] = judge_torch_view(TorchProbe(None, "ImportError: libcudnn.so.8: cannot open"), "11.7.1", "8.8.1.3",
                            "2.14.3", 8)
     assert v.status is Status.FAIL and "cannot be imported" in v.message
-    [v] = judge_torch_view(TorchProbe("2.13.0+cpu"), "11.7.1", "8.8.1.3", "2.14.3", 0)
-    assert v.status is Status.SKIP
 
 
 # --- the real wheels -----------------------------------------------------------------------------
@@ -296,7 +361,8 @@ def test_real_prefix_against_the_cu124_stack_fails_everywhere(prefix):
 
 def test_real_prefix_through_the_runner_in_worker_processes(at_prefix):
     names = ["cuda.toolkit", "cuda.nccl", "cuda.cudnn"]
-    assert _REGISTRY["cuda.nccl"].isolate and _REGISTRY["cuda.cudnn"].isolate and _REGISTRY["cuda.torch"].isolate
+    assert _REGISTRY["cuda.nccl"].isolate and _REGISTRY["cuda.cudnn"].isolate
+    assert _REGISTRY["cuda.torch"].worker == "torch" and _REGISTRY["cuda.torch"].needs == ("gpu.driver",)
     results = {r.name: r for r in run_checks([_REGISTRY[n] for n in names], at_prefix)}
     assert results["cuda.toolkit"].measured["runtime"].value == "11.7"
     assert results["cuda.nccl"].status is Status.PASS and results["cuda.nccl"].measured["version"].value == "2.14.3"
@@ -422,8 +488,20 @@ def test_torch_view_cpu_only_torch_on_a_gpu_node_fails():
 
 
 def test_torch_view_on_a_node_without_gpus_skips_with_the_reason():
-    [r] = run_checks([_REGISTRY["cuda.torch"]], context(gpus=0))
+    [r] = run_checks([_REGISTRY["cuda.torch"]], context(gpus=0))  # the runner's rule: needs_gpus
     assert r.status is Status.SKIP and "node.gpus = 0" in r.message
+
+
+def test_torch_view_is_blocked_by_a_failing_driver_check():
+    # A driver version no machine has: gpu.driver fails here (no driver) and on a GPU node (another
+    # version) alike, and cuda.torch is not run but names the root cause.
+    s = load_stack("cu117")
+    stack = {**s.data, "nvidia_driver": {**s.data["nvidia_driver"], "version": "1.0.0"}}
+    specs = [spec for spec in all_checks() if spec.name in ("gpu.driver", "cuda.torch")]
+    driver, view = run_checks(specs, Context(stack, {**s.expectations(), "gpus": 8}))
+    assert (driver.name, driver.status) == ("gpu.driver", Status.FAIL)
+    assert view.name == "cuda.torch" and view.status is Status.SKIP
+    assert view.message == f"blocked by gpu.driver ({driver.message})"
 
 
 @pytest.mark.gpu
@@ -432,7 +510,7 @@ def test_torch_view_on_real_gpus():
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU and a CUDA build of torch: torch.cuda.is_available() is False")
-    probe = cudalibs.probe_torch()
+    probe = probe_torch()
     assert probe.device_count == torch.cuda.device_count() and len(probe.compute) == probe.device_count
     assert all(g.allclose and g.error is None for g in probe.compute), probe.compute
     if probe.nvml_count is not None:

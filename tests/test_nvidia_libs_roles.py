@@ -381,15 +381,16 @@ def test_preflight_reports_what_cannot_work(local, tmp_path):
 
 
 def test_verify_looks_in_the_versioned_prefixes_before_the_cuda_prefix():
-    from checks import cudalibs
+    from checks.cuda.prefixes import cudnn_homes, nccl_homes
+    from checks.node import Node
 
-    assert cudalibs.nccl_homes({}, "11.7.1", "2.14.3") == (
+    assert nccl_homes(Node(), "11.7.1", "2.14.3") == (
         ["/usr/local/nccl-2.14.3", "/usr/local/cuda-11.7", "/usr/local/cuda"], True)
-    assert cudalibs.cudnn_homes({}, "11.7.1", "8.8.1.3") == (
+    assert cudnn_homes(Node(), "11.7.1", "8.8.1.3") == (
         ["/usr/local/cudnn-8.8.1.3", "/usr/local/cuda-11.7", "/usr/local/cuda"], True)
     # what node_verify writes into the manifest wins, alone (no loader fallback)
-    assert cudalibs.nccl_homes({"nccl_home": "/opt/nccl"}, "11.7.1", "2.14.3") == (["/opt/nccl"], False)
-    assert cudalibs.cudnn_homes({"cudnn_home": "/opt/cudnn"}, "11.7.1", "8.8.1.3") == (["/opt/cudnn"], False)
-    assert cudalibs.nccl_homes({}, "12.4.1") == (["/usr/local/cuda-12.4", "/usr/local/cuda"], True)
+    assert nccl_homes(Node(nccl_home="/opt/nccl"), "11.7.1", "2.14.3") == (["/opt/nccl"], False)
+    assert cudnn_homes(Node(cudnn_home="/opt/cudnn"), "11.7.1", "8.8.1.3") == (["/opt/cudnn"], False)
+    assert nccl_homes(Node(), "12.4.1") == (["/usr/local/cuda-12.4", "/usr/local/cuda"], True)
     # an explicit cuda_home means NCCL and cuDNN were copied into that toolkit (the seed's way)
-    assert cudalibs.cudnn_homes({"cuda_home": "/opt/cuda"}, "11.7.1", "8.8.1.3") == (["/opt/cuda"], True)
+    assert cudnn_homes(Node(cuda_home="/opt/cuda"), "11.7.1", "8.8.1.3") == (["/opt/cuda"], True)

@@ -1,4 +1,4 @@
-"""A CUDA-like prefix built from NVIDIA's real redistributable wheels, for the cudalibs tests.
+"""A CUDA-like prefix built from NVIDIA's real redistributable wheels, for the cuda.* tests (tests/test_cuda.py).
 
 The wheels are downloaded with pip (once; kept under ``.cache/nvidia-wheels/wheels``), checked
 against the sha256 sums below, unpacked and laid out the way the roles install a toolkit with NCCL
