@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 
+from checks.gpu.commands import run_command
 from checks.registry import Context, check
 from checks.result import Status, Value, Verdict
 
@@ -214,21 +214,21 @@ def judge_diag(report: DiagReport, level: int, returncode: int | None, output_ta
 
 
 def run_dcgmi(binary: str, level: int) -> tuple[int | None, str]:
+    """(exit code, whole output) of ``dcgmi diag -r <level>``, run with a deadline through the process
+    layer (the whole tree killed past it). A run that did not end by itself gets an ``Error:`` line
+    saying how, which the parser reports; its exit code is None."""
     timeout_s = TIMEOUT_S[level]
-    try:
-        done = subprocess.run([binary, "diag", "-r", str(level)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
-        return None, out + f"\nError: dcgmi diag -r {level} did not finish within {timeout_s:g} s and was killed"
-    return done.returncode, done.stdout
+    done = run_command([binary, "diag", "-r", str(level)], timeout_s)
+    if done.exit is None:
+        return None, f"Error: dcgmi diag -r {level} did not start: {done.error}"
+    if done.exit.timed_out or done.exit.signal:  # "timed out after 270 s and was killed", "crashed with SIGSEGV"
+        return None, done.output + f"\nError: dcgmi diag -r {level} {done.exit.describe(timeout_s)}"
+    return done.exit.code, done.output
 
 
 @check("gpu.dcgm_diag", "NVIDIA DCGM diagnostic (dcgmi diag -r 1 quick, -r 2 full), when DCGM is installed",
        isolate=True, exclusive=True, needs=("gpu.driver",), needs_gpus=True, timeout_s=300)
 def gpu_dcgm_diag(ctx: Context) -> list[Verdict]:
-    if ctx.node.gpus == 0:
-        return [Verdict(Status.SKIP, "DCGM diagnostic: this node is expected to have no GPUs", {}, {"gpus": 0})]
     binary = shutil.which("dcgmi")
     if binary is None:
         return [Verdict(Status.SKIP, "dcgmi (NVIDIA DCGM) is not on PATH; install datacenter-gpu-manager to add its "

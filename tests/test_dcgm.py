@@ -5,10 +5,12 @@ import os
 import stat
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from checks import dcgm
 from checks.dcgm import judge_diag, parse_dcgmi_diag, parse_results, summarise_details
 from checks.registry import _REGISTRY, Context
 from checks.result import Status
@@ -273,3 +275,26 @@ def test_fake_dcgmi_is_run_at_the_right_level_parsed_and_judged(cu117, tmp_path,
     full = run_checks([spec()], ctx_for(cu117, quick=False))
     assert args.read_text() == "diag -r 2"
     assert {r.status for r in full} == {Status.PASS} and len(full) == 11
+
+
+def test_a_hung_dcgmi_is_killed_at_its_deadline_and_reported(tmp_path, monkeypatch):
+    # dcgmi waits on nv-hostengine; a hung one must not hold verify beyond the level's deadline
+    (tmp_path / "dcgmi").write_text("#!/bin/sh\necho 'Successfully started diagnostic'\nexec /bin/sleep 30\n")
+    (tmp_path / "dcgmi").chmod(0o755)
+    monkeypatch.setitem(dcgm.TIMEOUT_S, dcgm.QUICK_LEVEL, 0.5)
+    started = time.monotonic()
+    rc, text = dcgm.run_dcgmi(str(tmp_path / "dcgmi"), dcgm.QUICK_LEVEL)
+    assert time.monotonic() - started < 10
+    assert rc is None and text.startswith("Successfully started diagnostic")
+    [v] = judge_diag(parse_dcgmi_diag(text), dcgm.QUICK_LEVEL, rc, text)
+    assert v.status is Status.FAIL
+    assert v.message == "dcgmi diag -r 1 did not run: Error: dcgmi diag -r 1 timed out after 0.5 s and was killed"
+
+
+def test_a_crashed_dcgmi_keeps_its_output_and_says_how_it_ended(tmp_path):
+    (tmp_path / "dcgmi").write_text("#!/bin/sh\ncat <<'EOF'\n" + HEALTHY_R2 + "EOF\nkill -SEGV $$\n")
+    (tmp_path / "dcgmi").chmod(0o755)
+    rc, text = dcgm.run_dcgmi(str(tmp_path / "dcgmi"), dcgm.FULL_LEVEL)
+    assert rc is None and text.endswith("Error: dcgmi diag -r 2 crashed with SIGSEGV")
+    verdicts = judge_diag(parse_dcgmi_diag(text), dcgm.FULL_LEVEL, rc, text)
+    assert len(verdicts) == 12 and verdicts[-1].subject == "errors" and "SIGSEGV" in verdicts[-1].message

@@ -8,6 +8,7 @@ from pathlib import Path
 from checks.gpu import fabricmanager as fm
 from checks.registry import Context, all_checks
 from checks.result import Status
+from checks.runner import run_checks
 
 A800_SWITCHES = {0x1AF1: 6}
 
@@ -95,10 +96,61 @@ def test_probe_on_a_node_with_nvswitches_but_no_fabric_manager(tmp_path):
     assert v.status is Status.FAIL and "802" in v.remediation  # nothing of fabric manager on this machine
 
 
+def fake_commands(directory: Path, **scripts: str) -> None:
+    """Executables standing in for systemctl, nv-fabricmanager and nvidia-smi: no fabric manager here."""
+    for name, body in scripts.items():
+        (directory / name).write_text("#!/bin/sh\n" + body + "\n")
+        (directory / name).chmod(0o755)
+
+
+HEALTHY = {"systemctl": "echo active", "nv-fabricmanager": "echo 'Fabric Manager version is : 515.65.01'",
+           "nvidia-smi": "printf '515.65.01\\n515.65.01\\n'"}
+
+
+def probe_with(tmp_path, monkeypatch, **scripts) -> fm.FabricManagerProbe:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    fake_commands(bin_dir, **{**HEALTHY, **scripts})
+    sysfs = tmp_path / "sys"
+    if not sysfs.exists():
+        _fake_sysfs(sysfs, [("0x10de", "0x068000", "0x1af1")] * 6)
+    return fm.probe_fabricmanager(sysfs, tmp_path / "no-proc-version")
+
+
+def test_probe_runs_the_commands_and_reads_their_answers(tmp_path, monkeypatch):
+    p = probe_with(tmp_path, monkeypatch)
+    assert (p.service, p.driver, p.error) == ("active", "515.65.01", None)  # the driver from nvidia-smi
+    assert fm.judge_fabricmanager(p, "515.65.01").status is Status.PASS
+
+
+def test_probe_of_a_stopped_or_unreachable_service(tmp_path, monkeypatch):
+    p = probe_with(tmp_path, monkeypatch, systemctl="echo inactive; exit 3")  # is-active's answer for a stopped unit
+    assert (p.service, p.error) == ("inactive", None)
+    p = probe_with(tmp_path, monkeypatch, systemctl="echo 'System has not been booted with systemd as init system "
+                                                   "(PID 1). Can'\\''t operate.' >&2; exit 1")
+    assert p.service == "unknown" and p.error.startswith("systemctl: System has not been booted with systemd")
+    v = fm.judge_fabricmanager(p, "515.65.01")
+    assert v.status is Status.FAIL and "is unknown (systemctl: System has not been booted" in v.message
+
+
+def test_a_hung_systemctl_is_killed_at_the_deadline(tmp_path, monkeypatch):
+    monkeypatch.setattr(fm, "PROBE_TIMEOUT_S", 0.5)
+    p = probe_with(tmp_path, monkeypatch, systemctl="exec /bin/sleep 30")
+    assert p.service == "unknown" and p.error == "systemctl is-active timed out after 0.5 s and was killed"
+    assert p.driver == "515.65.01"  # the other commands still answered
+
+
 def test_registered_and_real_probe_on_this_machine():
-    assert any(s.name == "gpu.fabricmanager" for s in all_checks())
+    [spec] = [s for s in all_checks() if s.name == "gpu.fabricmanager"]
+    assert spec.needs_gpus and not spec.needs  # reported beside a driver problem, not blocked by it
     ctx = Context(stack={"nvidia_driver": {"version": "515.65.01"}}, node={"gpus": 8})
     v = fm.gpu_fabricmanager(ctx)
     if not fm.count_nvswitches():
-        assert v.status is Status.SKIP
-    assert fm.gpu_fabricmanager(Context(stack=ctx.stack, node={"gpus": 0})).status is Status.SKIP
+        assert v.status is Status.SKIP and "no NVSwitch" in v.message
+
+
+def test_a_node_without_gpus_skips_through_the_runner():
+    [spec] = [s for s in all_checks() if s.name == "gpu.fabricmanager"]
+    [r] = run_checks([spec], Context(stack={"nvidia_driver": {"version": "515.65.01"}}, node={"gpus": 0}))
+    assert r.status is Status.SKIP and r.message == "this node is expected to have no GPUs (node.gpus = 0)"

@@ -1,6 +1,8 @@
 """GPU health checks driven through a fake NVML (the one boundary that cannot exist without a GPU),
 through healthy and faulty states; plus the real probes on this machine."""
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pynvml
@@ -119,7 +121,7 @@ def test_missing_gpu(monkeypatch, node_ctx):
 
 def test_wrong_model(monkeypatch, node_ctx):
     use(monkeypatch, FakeNVML(healthy_node(8)))
-    node_ctx.node["gpu_model"] = "A800"
+    node_ctx.node = replace(node_ctx.node, gpu_model="A800")
     [v] = health.gpu_inventory(node_ctx)
     assert v.status is Status.FAIL and "8 GPU(s) are not A800" in v.message
 
@@ -141,11 +143,15 @@ def test_nvml_absent_is_a_clear_fail_on_a_gpu_node(monkeypatch, node_ctx, code):
         assert v.message.startswith("NVIDIA driver not loaded (NVML did not initialise")
 
 
-def test_gpu_less_node_skips(monkeypatch, node_ctx):
-    use(monkeypatch, FakeNVML([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
-    node_ctx.node["gpus"] = 0
-    for fn in [*HEALTH_CHECKS, health.gpu_xid]:
-        assert statuses(fn(node_ctx)) == [Status.SKIP]
+def test_gpu_less_node_skips_through_the_runner(node_ctx):
+    # needs_gpus: the runner skips them before any NVML or kernel log is touched
+    specs = [s for s in all_checks() if s.target.startswith("checks.gpu.health:")]
+    assert len(specs) == len(HEALTH_CHECKS) + 1 and all(s.needs_gpus for s in specs)
+    node_ctx.node = replace(node_ctx.node, gpus=0)
+    results = run_checks(specs, node_ctx)
+    assert [r.name for r in results] == [s.name for s in specs]
+    assert {(r.status, r.message) for r in results} == {
+        (Status.SKIP, "this node is expected to have no GPUs (node.gpus = 0)")}
 
 
 def test_wrong_driver_version_through_nvml():
@@ -189,6 +195,34 @@ def test_xid_check_reads_the_kernel_log(monkeypatch, node_ctx):
     assert health.gpu_xid(node_ctx).status is Status.WARN
 
 
+def fake_commands(directory: Path, **scripts: str) -> None:
+    """Executables on an otherwise empty PATH: the kernel log commands as a node without access, or a hung
+    journal, would answer."""
+    for name, body in scripts.items():
+        (directory / name).write_text("#!/bin/sh\n" + body + "\n")
+        (directory / name).chmod(0o755)
+
+
+def test_kernel_log_falls_back_to_dmesg_and_says_what_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_commands(tmp_path, journalctl="echo 'No journal files were found.' >&2; exit 1",
+                  dmesg=f"/bin/cat <<'EOF'\n{OWN_LOG}EOF")
+    assert health.probe_kernel_log() == (OWN_LOG, "dmesg")
+    fake_commands(tmp_path, dmesg="echo 'dmesg: read kernel buffer failed: Operation not permitted' >&2; exit 1")
+    text, why = health.probe_kernel_log()
+    assert text is None and why == ("journalctl -k -b: No journal files were found.; "
+                                    "dmesg: dmesg: read kernel buffer failed: Operation not permitted")
+
+
+def test_a_hung_kernel_log_command_is_killed_at_its_deadline(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_commands(tmp_path, journalctl="exec /bin/sleep 30")
+    started = time.monotonic()
+    text, why = health.probe_kernel_log(timeout_s=0.5)
+    assert time.monotonic() - started < 10
+    assert text is None and why == "journalctl -k -b: timed out after 0.5 s and was killed; dmesg: not installed"
+
+
 @pytest.mark.skipif(not (SAMPLES / "dmesg_xid_48_63_dbe_page_retire.txt").exists(),
                     reason="../shared/samples is not beside this checkout")
 def test_xid_real_kernel_log_sample():
@@ -209,12 +243,19 @@ def test_real_gpu_group_on_this_machine(node_ctx):
     specs = [s for s in all_checks() if s.group == "gpu" and s.name != "gpu.dcgm_diag"]
     results = run_checks(specs, node_ctx)
     has_driver = Path("/proc/driver/nvidia/version").exists()
+    needs = {s.name: s.needs for s in specs}
     for r in results:
         assert r.status is not Status.ERROR, r.message
         if r.name == "gpu.fabricmanager" and not count_nvswitches():
             assert r.status is Status.SKIP, r.message  # sysfs decides, not the driver: no NVSwitch here
-        elif not has_driver and r.name not in ("gpu.xid",):
-            assert r.status is Status.FAIL and "NVIDIA driver not loaded" in r.message, (r.name, r.message)
+        elif has_driver or r.name == "gpu.xid":  # the kernel log is read with or without a driver
+            continue
+        elif r.name == "gpu.driver":
+            assert r.status is Status.FAIL and r.message.startswith("NVIDIA driver not loaded"), r.message
+        else:  # the NVML checks: one root cause, not one failure each
+            assert needs[r.name] == ("gpu.driver",)
+            assert r.status is Status.SKIP, (r.name, r.message)
+            assert r.message.startswith("blocked by gpu.driver (NVIDIA driver not loaded"), (r.name, r.message)
 
 
 @pytest.mark.gpu

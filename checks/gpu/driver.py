@@ -1,7 +1,9 @@
 """Is the NVIDIA driver loaded, and is it the stack's version?
 
 On a node the expectations say has GPUs, a missing driver is a failure with the reason, never a
-skip: a GPU node without its driver is the first thing to catch.
+skip: a GPU node without its driver is the first thing to catch. The NVML and CUDA checks need this
+one (``needs=("gpu.driver",)``), so a missing driver is reported once and blocks them. On a node
+expected to have no GPUs the runner skips it (``needs_gpus``).
 """
 
 from __future__ import annotations
@@ -58,9 +60,6 @@ def judge_driver(probe: DriverProbe, expected_version: str, expected_gpus: int) 
     found = probe.nvml_version or parse_proc_version(probe.proc_text)
     measured = {"driver": found} if found else {}
     if found is None:
-        if expected_gpus == 0:
-            return Verdict(Status.SKIP, "no NVIDIA driver, and this node is expected to have no GPUs",
-                           measured, expected)
         reasons = ["/proc/driver/nvidia/version is absent" if probe.proc_text is None
                    else "/proc/driver/nvidia/version has no version line"]
         if probe.nvml_error:
@@ -77,6 +76,7 @@ def judge_driver(probe: DriverProbe, expected_version: str, expected_gpus: int) 
     return Verdict(Status.PASS, f"NVIDIA driver {found} loaded", measured, expected)
 
 
-@check("gpu.driver", "NVIDIA driver is loaded and is the stack's version", worker="nvml", timeout_s=60)
+@check("gpu.driver", "NVIDIA driver is loaded and is the stack's version", worker="nvml", needs_gpus=True,
+       timeout_s=60)
 def gpu_driver(ctx: Context) -> Verdict:
     return judge_driver(probe_driver(), ctx.stack["nvidia_driver"]["version"], ctx.node.gpus)

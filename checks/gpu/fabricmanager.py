@@ -3,17 +3,18 @@
 On an NVSwitch system (HGX A100/A800/H100/H800) CUDA cannot initialise until fabric manager has
 configured the switches: without it every CUDA program fails with error 802 (cudaErrorSystemNotReady,
 "system not yet initialized"), and fabric manager refuses to run with a driver of another version.
-Nodes without NVSwitches skip this check.
+Nodes without NVSwitches skip this check; so does a node expected to have no GPUs (``needs_gpus``).
+The driver's version is read from /proc (or nvidia-smi) without needing gpu.driver to pass: a stopped
+fabric manager is worth reporting beside a driver problem, and is often behind CUDA's error 802.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from checks.gpu.commands import run_command
 from checks.gpu.driver import PROC_VERSION, parse_proc_version
 from checks.registry import Context, check
 from checks.result import Status, Verdict
@@ -72,35 +73,37 @@ def count_nvswitches(sysfs: Path = SYSFS) -> dict[int, int]:
     return found
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess | None:
-    if shutil.which(argv[0]) is None:
-        return None
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+SERVICE_STATE_RX = re.compile(r"[a-z-]+")  # systemctl is-active: active, inactive, failed, activating, ...
 
 
 def probe_fabricmanager(sysfs: Path = SYSFS, proc_version: Path = PROC_VERSION) -> FabricManagerProbe:
     probe = FabricManagerProbe(nvswitches=count_nvswitches(sysfs))
     if not probe.nvswitches:
         return probe
-    state = _run(["systemctl", "is-active", UNIT])
-    probe.service = (state.stdout.strip() or "unknown") if state is not None else None
-    version = _run([BINARY, "--version"])
-    if version is not None and version.returncode == 0:
-        probe.version_text = (version.stdout + version.stderr).strip()
+    state = run_command(["systemctl", "is-active", UNIT], PROBE_TIMEOUT_S)
+    if state.exit is None:
+        probe.error = "systemctl is not available" + ("" if state.error == "not installed" else f" ({state.error})")
+    else:  # it exits 3 for an inactive unit: the state word is the answer either way
+        answer = state.exit.last_line()
+        broken = state.exit.timed_out or state.exit.signal
+        if not broken and SERVICE_STATE_RX.fullmatch(answer):
+            probe.service = answer
+        else:  # no systemd as PID 1 (a container), a hung D-Bus
+            probe.service = "unknown"
+            probe.error = f"systemctl is-active {state.problem()}" if broken or not answer \
+                else f"systemctl: {answer}"
+    version = run_command([BINARY, "--version"], PROBE_TIMEOUT_S)
+    if version.ok:
+        probe.version_text = version.output.strip()
     try:
         probe.driver = parse_proc_version(proc_version.read_text())
     except OSError:
         probe.driver = None
     if probe.driver is None:
-        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        versions = {line.strip() for line in (smi.stdout if smi and smi.returncode == 0 else "").splitlines()
-                    if line.strip()}
+        smi = run_command(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], PROBE_TIMEOUT_S)
+        versions = {line.strip() for line in (smi.output if smi.ok else "").splitlines()
+                    if VERSION_RX.fullmatch(line.strip())}
         probe.driver = versions.pop() if len(versions) == 1 else None
-    if state is None:
-        probe.error = "systemctl is not available"
     return probe
 
 
@@ -145,6 +148,4 @@ def judge_fabricmanager(probe: FabricManagerProbe, expected_driver: str) -> Verd
 @check("gpu.fabricmanager", "Fabric manager active at the driver's version on NVSwitch systems",
        needs_gpus=True, timeout_s=60)
 def gpu_fabricmanager(ctx: Context) -> Verdict:
-    if ctx.node.gpus == 0:
-        return Verdict(Status.SKIP, "this node is expected to have no GPUs", {}, {"gpus": 0})
     return judge_fabricmanager(probe_fabricmanager(), ctx.stack["nvidia_driver"]["version"])

@@ -1,15 +1,16 @@
 """GPU health checks (group ``gpu``): NVML snapshot probes judged per GPU, and the kernel log's Xids.
 
-All run in worker processes: NVML calls can hang on a GPU in a bad state.
+All run in the shared NVML worker (``worker="nvml"``): NVML calls can hang on a GPU in a bad state,
+and a timeout then kills that worker, not verify. All are ``needs_gpus``: the runner skips them on a
+node expected to have none; the NVML ones also need ``gpu.driver`` (one root cause when it fails).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 
 from checks.gpu import judges
+from checks.gpu.commands import run_command
 from checks.gpu.nvml import NodeSnapshot, load_nvml, probe_nvml
 from checks.registry import Context, check
 from checks.result import Status, Verdict
@@ -19,10 +20,9 @@ NEEDS = ("gpu.driver",)  # without a loaded driver every NVML check fails the sa
 
 
 def snapshot_or_verdict(ctx: Context) -> NodeSnapshot | Verdict:
-    """The NVML snapshot, or the verdict that explains why there is none (skip on a GPU-less node)."""
+    """The NVML snapshot, or the verdict that explains why there is none. (A node expected to have no
+    GPUs never gets here: these checks are ``needs_gpus``, and the runner skips them there.)"""
     expected = ctx.node.gpus
-    if expected == 0:
-        return Verdict(Status.SKIP, "this node is expected to have no GPUs", {}, {"gpus": 0})
     try:
         nvml = load_nvml()
     except ImportError:
@@ -108,25 +108,16 @@ def probe_kernel_log(timeout_s: float = 20) -> tuple[str | None, str]:
     """(log text, source) or (None, why not)."""
     problems = []
     for name, argv in KERNEL_LOG_COMMANDS:
-        if shutil.which(argv[0]) is None:
-            problems.append(f"{name}: not installed")
-            continue
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            problems.append(f"{name}: timed out")
-            continue
-        if proc.returncode == 0 and proc.stdout.strip():
-            return proc.stdout, name
-        problems.append(f"{name}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        done = run_command(argv, timeout_s)
+        if done.problem() is None:
+            return done.output, name
+        problems.append(f"{name}: {done.problem()}")
     return None, "; ".join(problems)
 
 
 @check("gpu.xid", "No critical Xid errors in the kernel log since boot", worker="nvml", needs_gpus=True,
        timeout_s=NVML_TIMEOUT_S)
 def gpu_xid(ctx: Context):
-    if ctx.node.gpus == 0:
-        return Verdict(Status.SKIP, "this node is expected to have no GPUs")
     text, source = probe_kernel_log()
     if text is None:
         return Verdict(Status.WARN, f"cannot read the kernel log ({source})", {}, {},
