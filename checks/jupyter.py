@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
+from checks.node import Node
 from checks.registry import Context, check
 from checks.result import Status, Verdict
 
@@ -32,15 +33,14 @@ _ANY_ADDRESS = {"", "0.0.0.0", "*", "::", "[::]"}
 _USER_AGENT = "peftnode-checks/jupyter"
 
 
-def jupyter_url(stack: dict, node) -> str | None:
+def jupyter_url(stack: dict, node: Node) -> str | None:
     """Where JupyterLab should answer: the node's ``jupyter_url`` override, else built from the stack's
     ``jupyterlab:`` section (a wildcard bind is reached on 127.0.0.1). None when JupyterLab is disabled."""
     section = stack.get("jupyterlab") or {}
     if not section.get("enabled"):
         return None
-    override = (node or {}).get("jupyter_url") if isinstance(node, dict) or node is None else node.jupyter_url
-    if override:
-        return override
+    if node.jupyter_url:
+        return node.jupyter_url
     host = str(section.get("bind") or "127.0.0.1").strip()
     if host in _ANY_ADDRESS:
         host = "127.0.0.1"

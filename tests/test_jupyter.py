@@ -24,6 +24,7 @@ import pytest
 
 from checks.jupyter import Answer, JupyterProbe, judge_jupyter, jupyter_url, probe_jupyter
 from checks.jupyter import jupyter_server as jupyter_server_check
+from checks.node import Node
 from checks.registry import Context
 from checks.result import Status
 from checks.stack import load_stack
@@ -58,7 +59,7 @@ def _probe(api=Answer(200), contents=Answer(403), sessions=Answer(403), version=
 
 def test_url_from_the_cu117_stack():
     stack, node = _cu117()
-    assert jupyter_url(stack, {**node, "jupyter_url": None}) == "http://127.0.0.1:9999/"
+    assert jupyter_url(stack, Node.from_dict({**node, "jupyter_url": None})) == "http://127.0.0.1:9999/"
 
 
 @pytest.mark.parametrize(
@@ -74,11 +75,11 @@ def test_url_from_the_cu117_stack():
     ],
 )
 def test_url_from_section(section, expected):
-    assert jupyter_url({"jupyterlab": section}, {}) == expected
+    assert jupyter_url({"jupyterlab": section}, Node()) == expected
 
 
 def test_node_override_wins_unless_disabled():
-    override = {"jupyter_url": "https://node7.example:443/jl/"}
+    override = Node(jupyter_url="https://node7.example:443/jl/")
     assert jupyter_url({"jupyterlab": {"enabled": True, "port": 1}}, override) == "https://node7.example:443/jl/"
     assert jupyter_url({"jupyterlab": {"enabled": False, "port": 1}}, override) is None
 
