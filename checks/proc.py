@@ -71,6 +71,7 @@ class Exit:
     tail: str = ""  # the last TAIL_BYTES of its combined output
     killed: int = 0  # processes this layer signalled to end the tree
     leftover: list[int] = field(default_factory=list)  # pids still alive after the kill (should be none)
+    output: str | None = None  # its whole combined output, when the caller asked to keep it
 
     @property
     def ok(self) -> bool:
@@ -110,12 +111,17 @@ class Process:
         self.started = time.monotonic()
         environment = dict(env if env is not None else child_env())
         environment[TOKEN_ENV] = self.token
-        with open(self.log_path, "ab") as log:
-            self.popen = psutil.Popen(
-                self.argv, env=environment, cwd=cwd, start_new_session=True, pass_fds=pass_fds,
-                stdin=subprocess.PIPE if stdin == "pipe" else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdout == "pipe" else log, stderr=log,
-            )
+        try:
+            with open(self.log_path, "ab") as log:
+                self.popen = psutil.Popen(
+                    self.argv, env=environment, cwd=cwd, start_new_session=True, pass_fds=pass_fds,
+                    stdin=subprocess.PIPE if stdin == "pipe" else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if stdout == "pipe" else log, stderr=log,
+                )
+        except BaseException:  # nothing started: leave nothing behind either
+            if self._own_log:
+                self.log_path.unlink(missing_ok=True)
+            raise
         self.pid = self.popen.pid
         self.stdin = self.popen.stdin
         self.stdout = self.popen.stdout
@@ -179,10 +185,14 @@ class Process:
             self.popen.wait(timeout=KILL_WAIT_S)
         except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
             pass
-        _, alive = psutil.wait_procs(members, timeout=KILL_WAIT_S)
-        rest = {p.pid for p in alive if _running(p)}
-        rest |= {p.pid for p in _carrying(self.token) if _running(p)}
-        return len(signalled), sorted(rest)
+        # Grandchildren are not ours to reap: once killed they are zombies until their new parent
+        # reaps them, which a container's init may never do. A zombie holds nothing: it counts as gone.
+        deadline = time.monotonic() + KILL_WAIT_S
+        while True:
+            rest = {p.pid for p in members if _running(p)} | {p.pid for p in _carrying(self.token) if _running(p)}
+            if not rest or time.monotonic() > deadline:
+                return len(signalled), sorted(rest)
+            time.sleep(0.02)
 
     def finish(self, *, timed_out: bool = False) -> Exit:
         """End the tree (if anything of it is left) and say how the process ended."""
@@ -249,12 +259,15 @@ def _carrying(token: str) -> list[psutil.Process]:
 
 
 def run(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | None = None,
-        log_path: str | os.PathLike | None = None) -> Exit:
+        log_path: str | os.PathLike | None = None, keep_output: bool = False) -> Exit:
     """Run to the end or the deadline, whichever comes first; the tree is gone when this returns
-    (also when the caller is interrupted)."""
+    (also when the caller is interrupted). ``keep_output``: ``Exit.output`` holds all it printed."""
     proc = Process(argv, env=env, cwd=cwd, log_path=log_path)
     try:
         code = proc.wait(timeout_s)
-        return proc.finish(timed_out=code is None)
+        ex = proc.finish(timed_out=code is None)
+        if keep_output:
+            ex.output = proc.tail(nbytes=1 << 62)
+        return ex
     finally:
         proc.close()

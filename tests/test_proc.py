@@ -2,8 +2,10 @@
 a grandchild that left the tree's session and was re-parented to init."""
 
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -64,19 +66,22 @@ def test_deadline_kills_the_whole_tree_even_a_grandchild_that_left_the_session(t
         time.sleep(120)
     """
     started = time.monotonic()
-    ex = proc.run(py(code), timeout_s=2.0)
+    p = proc.Process(py(code))
+    assert p.wait(2.0) is None
+    ex = p.finish(timed_out=True)
+    p.close()
     assert ex.timed_out and ex.describe(2.0) == "timed out after 2 s and was killed"
     assert time.monotonic() - started < 2.0 + 2 * proc.KILL_WAIT_S
     near, far = map(int, pids.read_text().split())
     assert _gone(near) and _gone(far)
     assert ex.leftover == []
     # nothing of the tree is left: no live process carries its token
-    assert not [p for p in psutil.process_iter() if _carries_token(p)]
+    assert not [q for q in psutil.process_iter() if _carries(q, p.token)]
 
 
-def _carries_token(p: psutil.Process) -> bool:
+def _carries(p: psutil.Process, token: str) -> bool:
     try:
-        return proc.TOKEN_ENV in p.environ() and p.status() != psutil.STATUS_ZOMBIE
+        return p.environ().get(proc.TOKEN_ENV) == token and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
@@ -138,3 +143,23 @@ def test_a_sitecustomize_on_the_path_reaches_the_child(monkeypatch, tmp_path):
 
 def test_interpreter_is_this_one():
     assert proc.python_argv("-V")[0] == sys.executable
+
+
+def test_a_timed_out_command_with_a_child_returns_promptly():
+    started = time.monotonic()
+    ex = proc.run(py("import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"), timeout_s=0.5)
+    assert ex.timed_out and ex.leftover == []
+    assert time.monotonic() - started < 0.5 + 1.5, "waited on a killed grandchild nobody reaps"
+
+
+def test_keep_output_returns_all_of_it():
+    ex = proc.run(py("print('x' * 10000); print('end')"), timeout_s=30, keep_output=True)
+    assert ex.output.startswith("x" * 10000) and ex.output.endswith("end")
+    assert len(ex.tail) <= proc.TAIL_BYTES
+
+
+def test_a_command_that_cannot_start_leaves_no_log(tmp_path):
+    before = set(Path(tempfile.gettempdir()).glob("peftnode-proc-*"))
+    with pytest.raises(OSError):
+        proc.run([str(tmp_path / "not-there")], timeout_s=5)
+    assert set(Path(tempfile.gettempdir()).glob("peftnode-proc-*")) == before
