@@ -54,15 +54,19 @@ def one_run(specs: list[CheckSpec], fresh: bool) -> tuple[float, int, int]:
 
 def compare(label: str, specs: list[CheckSpec], rounds: int) -> None:
     shared, fresh, ratios = [], [], []
+    has_torch = any(s.worker == "torch" for s in specs)
+
+    def procs(n: int) -> str:
+        return f"{n} torch process(es), " if has_torch else ""
+
     for i in range(rounds):
         s_wall, s_procs, s_bad = one_run(specs, fresh=False)
         f_wall, f_procs, f_bad = one_run(specs, fresh=True)
         shared.append(s_wall)
         fresh.append(f_wall)
         ratios.append(s_wall / f_wall)
-        print(f"  round {i + 1}: shared {s_wall:6.2f} s ({s_procs} torch process(es), {s_bad} not pass)   "
-              f"per-check {f_wall:6.2f} s ({f_procs} torch process(es), {f_bad} not pass)   "
-              f"ratio {s_wall / f_wall:.2f}")
+        print(f"  round {i + 1}: shared {s_wall:6.2f} s ({procs(s_procs)}{s_bad} not pass)   "
+              f"per-check {f_wall:6.2f} s ({procs(f_procs)}{f_bad} not pass)   ratio {s_wall / f_wall:.2f}")
     print(f"{label}: shared workers median {statistics.median(shared):.2f} s, per-check workers median "
           f"{statistics.median(fresh):.2f} s -> shared/per-check {statistics.median(ratios):.2f} "
           f"(median of {rounds} pairs; {statistics.median(fresh) / statistics.median(shared):.1f}x faster)")
