@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from checks.result import Result, Status, worst
-from checks.runner import blocked_roots
+from checks.runner import blocked_roots, is_blocked  # noqa: F401  (is_blocked: re-exported for the renderers)
 
 REPORT_SCHEMA = "peftnode.verify.report/1"
 
@@ -44,11 +44,6 @@ class Report:
     @property
     def duration_s(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
-
-
-def is_blocked(result: Result) -> bool:
-    """A skip because a check it needs failed (see ``checks.runner.blocked_roots``)."""
-    return result.status == Status.SKIP and result.message.startswith("blocked by ")
 
 
 def _checks(n: int) -> str:
