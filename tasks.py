@@ -59,36 +59,47 @@ def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json
     help={
         "model": "tiny, random:bloomz-560m, or a model directory (default: the stack's model.path)",
         "methods": "comma-separated PEFT methods, or 'all' (default: the stack's finetune.methods)",
-        "steps": "training steps per method (default 30)",
-        "timeout": "per-method timeout in seconds (default 600)",
-        "workers": "at most this many worker processes (default: one per GPU, one on CPU)",
+        "steps": "training steps per method (default 30; 10 with --distributed / --deepspeed)",
+        "timeout": "per-method timeout in seconds (default 600); with --distributed / --deepspeed the whole "
+                   "torchrun run's",
+        "workers": "at most this many worker processes (default: one per GPU; without GPUs two for the tiny model, "
+                   "else one)",
         "distributed": "instead of the methods: LoRA with DDP across all local GPUs via torchrun (NCCL); checks that "
                        "every rank finishes, the loss falls and the adapters are identical on every rank",
         "deepspeed": "instead of the methods: LoRA steps under DeepSpeed ZeRO stage 2 on one GPU",
         "nproc": "ranks for --distributed / --deepspeed (default: one per GPU / 1); without CUDA, N ranks on the "
                  "CPU over gloo",
         "allow_download": "fetch the model from the hub when its directory is missing",
-        "stack": "stack name or file for the defaults (default: the node manifest, else cu117)",
-        "json": "write the JSON report to this file",
+        "stack": "stack name in stacks/ or a stack file (default: the node manifest, else cu117)",
+        "manifest": "node manifest to read (default /etc/peftnode/manifest.yml when present)",
+        "gpus": "override how many GPUs this node must have (0 = a node without GPUs)",
+        "expect": "override node expectations: comma-separated KEY=VALUE, e.g. gpus=2,gpu_model=H100",
+        "jobs": "checks run at once (the fine-tune checks never overlap)",
+        "json": "write the JSON report (schema peftnode.verify.report/1) to this file",
         "junit": "write a JUnit XML report to this file",
         "prom": "write a Prometheus textfile-collector file to this file",
-        "list": "list the method names, then exit",
-        "no_progress": "no progress line per method",
+        "list_methods": "list the method names, then exit",
+        "list": "the same as --list-methods",
+        "no_progress": "no progress display, no line per method",
     }
 )
 def finetune(c, model=None, methods=None, steps=None, timeout=None, workers=None, distributed=False, deepspeed=False,
-             nproc=None, allow_download=False, stack=None, json=None, junit=None, prom=None, list=False,
-             no_progress=False):
-    """Smoke fine-tune the model with each PEFT method and check it (exit 0 pass, 1 fail, 2 bad usage)."""
-    from checks.finetune.cli import main
+             nproc=None, allow_download=False, stack=None, manifest=None, gpus=None, expect=None, jobs=None, json=None,
+             junit=None, prom=None, list_methods=False, list=False, no_progress=False):
+    """Smoke fine-tune the model with each PEFT method and check it: verify's finetune group with its own flags
+    (exit 0 pass, 1 fail, 2 bad usage)."""
+    from checks.cli import finetune_main
 
     argv: list[str] = []
     for name, value in (("model", model), ("methods", methods), ("steps", steps), ("timeout", timeout),
                         ("workers", workers), ("distributed", distributed), ("deepspeed", deepspeed),
-                        ("nproc", nproc), ("allow-download", allow_download), ("stack", stack), ("json", json),
-                        ("junit", junit), ("prom", prom), ("list", list), ("no-progress", no_progress)):
+                        ("nproc", nproc), ("allow-download", allow_download), ("stack", stack),
+                        ("manifest", manifest), ("gpus", gpus), ("jobs", jobs), ("json", json), ("junit", junit),
+                        ("prom", prom), ("list-methods", list_methods or list), ("no-progress", no_progress)):
         _flag(argv, name, value)
-    code = main(argv)
+    for item in (expect or "").split(","):
+        _flag(argv, "expect", item.strip())
+    code = finetune_main(argv)
     if code:
         raise Exit(code=code)
 

@@ -1,4 +1,7 @@
-"""``invoke verify`` / ``peftnode-verify``: parse flags, pick checks, run them, render, exit.
+"""``invoke verify`` / ``peftnode-verify`` and ``invoke finetune`` / ``peftnode-finetune``: parse flags, pick
+checks, run them, render, exit. The fine-tune command is verify's ``finetune`` group with the fine-tune's
+own flags (methods, steps, per-method timeout, workers, distributed runs) mapped into the checks' options;
+both share the stack resolution, the runner, the reports and the exit codes.
 
 Exit codes: 0 healthy (warnings allowed), 1 any check failed or errored, 2 bad usage or
 configuration (one line on stderr naming what is wrong and what is accepted; never a traceback).
@@ -27,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Prove that this node is ready for PEFT fine-tuning.")
+def _common_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The flags verify and finetune share: stack, node expectations, model, reports, concurrency, progress."""
     p.add_argument("--stack", metavar="NAME|FILE",
                    help=f"stack to verify against (name in stacks/ or a file); default: the node manifest "
                         f"{DEFAULT_MANIFEST} if present, else {DEFAULT_STACK}")
@@ -37,23 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", action="append", metavar="KEY=VALUE",
                    help="override a node expectation, e.g. cuda_home=/opt/cuda or gpu_model=H100 (repeatable; "
                         "keys as in a stack's node: section)")
-    p.add_argument("--model", metavar="SPEC",
-                   help="model for the finetune group: a directory, tiny, or random:bloomz-560m "
-                        "(default: the stack's model.path)")
+    p.add_argument("--model", metavar="SPEC", help=model_help)
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
+    p.add_argument("--prom", metavar="FILE", help="write a Prometheus textfile-collector file here")
+    p.add_argument("--jobs", metavar="N",
+                   help=f"checks run at once (default {DEFAULT_JOBS}; benchmarks and the fine-tune never overlap)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Prove that this node is ready for PEFT fine-tuning.")
+    _common_flags(p, "model for the finetune group: a directory, tiny, or random:bloomz-560m "
+                     "(default: the stack's model.path)")
     p.add_argument("--only", action="append", metavar="GROUPS|CHECKS", help="run only these (comma-separated)")
     p.add_argument("--skip", action="append", metavar="GROUPS|CHECKS", help="leave these out (comma-separated)")
     p.add_argument("--quick", action="store_true",
                    help="health and version checks only: no fine-tune, no long benchmarks")
-    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
-    p.add_argument("--prom", metavar="FILE", help="write a Prometheus textfile-collector file here")
     p.add_argument("--timeout", metavar="SECONDS",
                    help=f"per-check timeout for isolated checks, overriding each check's own (default: the check's "
                         f"own, else {DEFAULT_TIMEOUT_S:g})")
-    p.add_argument("--jobs", metavar="N",
-                   help=f"checks run at once (default {DEFAULT_JOBS}; benchmarks and the fine-tune never overlap)")
     p.add_argument("--list", action="store_true", help="list the checks and groups, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no live progress display")
     return p
 
 
@@ -215,12 +222,20 @@ def run(argv: list[str]) -> int:
         check_writable(f"--{flag}", getattr(args, flag))
     stack, from_manifest = resolve(args)
     node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
-    ctx = Context(stack.data, node, quick=args.quick, options={"model": args.model} if args.model else {})
+    return execute(args, chosen, stack, from_manifest, node, title=PROG, quick=args.quick, timeout_s=timeout,
+                   jobs=jobs, options={"model": args.model} if args.model else {},
+                   report_options={"model": args.model, "only": args.only or [], "skip": args.skip or [],
+                                   "quick": args.quick, "timeout_s": timeout, "gpus": node.gpus})
 
+
+def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str, options: dict,
+            report_options: dict, quick: bool = False, timeout_s: float | None = None, jobs: int = DEFAULT_JOBS) -> int:
+    """Run the chosen checks, render and write the reports; the exit code (0 healthy, 1 unhealthy)."""
+    ctx = Context(stack.data, node, quick=quick, options=options)
     started = datetime.now(timezone.utc)
     hook, close = _progress_hook(len(chosen), not args.no_progress)
     try:
-        results = run_checks(chosen, ctx, timeout_s=timeout, progress=hook, jobs=jobs)
+        results = run_checks(chosen, ctx, timeout_s=timeout_s, progress=hook, jobs=jobs)
     finally:
         close()
     finished = datetime.now(timezone.utc)
@@ -234,8 +249,8 @@ def run(argv: list[str]) -> int:
                "from_manifest": from_manifest},
         started_at=started,
         finished_at=finished,
-        options={"model": args.model, "only": args.only or [], "skip": args.skip or [], "quick": args.quick,
-                 "timeout_s": timeout, "gpus": node.gpus},
+        options=report_options,
+        title=title,
     )
     write_reports(report, args)
     return report.exit_code
@@ -282,6 +297,149 @@ def main(argv: list[str] | None = None) -> int:
 def console_main() -> None:
     sys.exit(main())
 
+
+# --- invoke finetune / peftnode-finetune: verify's finetune group with the fine-tune's own flags ----------
+
+FINETUNE_PROG = "peftnode finetune"
+METHODS_CHECK, DDP_CHECK, ZERO_CHECK = "finetune.methods", "finetune.distributed", "finetune.deepspeed"
+
+
+def build_finetune_parser() -> argparse.ArgumentParser:
+    from checks.finetune.distributed import DEFAULT_STEPS as DIST_STEPS
+    from checks.finetune.distributed import DEFAULT_TIMEOUT_S as DIST_TIMEOUT_S
+    from checks.finetune.distributed import NPROC_ENV
+    from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
+
+    p = _Parser(prog=FINETUNE_PROG, description="Smoke fine-tune the stack's model with each PEFT method and check "
+                                                "it: verify's finetune group, with the fine-tune's own flags.")
+    _common_flags(p, "tiny (random 1-layer Bloom, seconds), random:bloomz-560m (exact shape, random weights) or a "
+                     "model directory; default: the stack's model.path")
+    p.add_argument("--methods", action="append", metavar="NAMES",
+                   help="comma-separated methods, or 'all' (the defaults plus every other method the installed PEFT "
+                        "has); default: the stack's finetune.methods")
+    p.add_argument("--steps", metavar="N", help=f"training steps per method (default {DEFAULT_STEPS}; "
+                                                f"{DIST_STEPS} with --distributed / --deepspeed)")
+    p.add_argument("--timeout", metavar="SECONDS", help=f"per-method timeout (default {DEFAULT_TIMEOUT_S:g}); with "
+                                                        f"--distributed / --deepspeed, the whole torchrun run's "
+                                                        f"(default {DIST_TIMEOUT_S:g})")
+    p.add_argument("--workers", metavar="N", help="at most this many worker processes (default: one per GPU; on a "
+                                                  "node without GPUs two for the tiny model, else one)")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead of the methods: LoRA with DDP across all local GPUs via torchrun (NCCL), checking "
+                        "that every rank finishes, the loss falls and the adapters are identical on every rank")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="instead of the methods: LoRA steps under DeepSpeed ZeRO stage 2 on one GPU (skipped when "
+                        "DeepSpeed is not installed)")
+    p.add_argument("--nproc", metavar="N", help=f"ranks for --distributed (default: one per CUDA device) or "
+                                                f"--deepspeed (default 1); without CUDA, N ranks on the CPU over "
+                                                f"gloo (also {NPROC_ENV})")
+    p.add_argument("--allow-download", action="store_true",
+                   help="fetch the model from the hub when its directory is missing (never done otherwise)")
+    p.add_argument("--list-methods", "--list", dest="list_methods", action="store_true",
+                   help="list the method names this PEFT offers, then exit")
+    return p
+
+
+def _positive(flag: str, text: str | None, kind=float, maximum: float = math.inf):
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        what = "whole number" if kind is int else "number"
+        raise UsageError(f"{flag}: {text!r} is not a positive {what}"
+                         + (f" up to {maximum:g}" if maximum < math.inf else ""))
+    return value
+
+
+def _finetune_nproc(args) -> int | None:
+    from checks.finetune.distributed import NPROC_ENV, SettingsError, requested_nproc
+
+    minimum = 2 if args.distributed else 1
+    try:
+        return requested_nproc({"nproc": args.nproc} if args.nproc is not None else {}, minimum)
+    except SettingsError as exc:
+        flag = "--nproc" if args.nproc is not None else NPROC_ENV
+        raise UsageError(f"{flag}: {str(exc).split(': ', 1)[-1]}") from None
+
+
+def _list_methods(defaults) -> None:
+    from checks.finetune.methods import SEED_METHODS, VARIANTS, available_names
+
+    for name in available_names():
+        kind = ("default" if name in defaults else "seed" if name in SEED_METHODS
+                else "variant" if name in VARIANTS else "extra")
+        print(f"{name:26s} {kind}")
+
+
+def run_finetune(argv: list[str]) -> int:
+    """``invoke finetune``: every flag checked before anything runs, then the chosen finetune checks through
+    the same runner, report and exit codes as verify."""
+    from checks.finetune import CHECK_TIMEOUT_S, missing_packages
+    from checks.finetune.distributed import DEFAULT_STEPS as DIST_STEPS
+    from checks.finetune.distributed import DEFAULT_TIMEOUT_S as DIST_TIMEOUT_S
+    from checks.finetune.methods import SEED_METHODS, MethodError, expand
+    from checks.finetune.model import ModelSpecError, parse_model_spec
+    from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
+
+    args = build_finetune_parser().parse_args(argv)
+    gpus = parse_gpus(args.gpus)
+    jobs = parse_jobs(args.jobs)
+    expect = parse_expect(args.expect)
+    distributed = args.distributed or args.deepspeed
+    if distributed:
+        for flag in ("methods", "workers", "list_methods"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} does not apply to --distributed / --deepspeed "
+                                 f"(they fine-tune LoRA)")
+    elif args.nproc is not None:
+        raise UsageError("--nproc applies to --distributed / --deepspeed only")
+    steps = _positive("--steps", args.steps, int, 100_000)
+    timeout = _positive("--timeout", args.timeout)
+    workers = _positive("--workers", args.workers, int, 64)
+    nproc = _finetune_nproc(args) if distributed else None
+    missing = missing_packages()
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not installed in this environment ({sys.executable}); "
+                         "run from the stack's virtualenv or pip install 'peftnode[verify]'")
+    for flag in ("json", "junit", "prom"):
+        check_writable(f"--{flag}", getattr(args, flag))
+    stack, from_manifest = resolve(args)
+    defaults = tuple((stack.data.get("finetune") or {}).get("methods") or SEED_METHODS)
+    if args.list_methods:
+        _list_methods(defaults)
+        return EXIT_HEALTHY
+    try:
+        spec = parse_model_spec(args.model, stack.data.get("model"), allow_download=args.allow_download)
+        names = [] if distributed else expand(args.methods, defaults)
+    except (ModelSpecError, MethodError) as exc:
+        raise UsageError(str(exc)) from None
+    node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
+    wanted = [name for flag, name in ((args.distributed, DDP_CHECK), (args.deepspeed, ZERO_CHECK)) if flag]
+    chosen = select(all_checks(), wanted or [METHODS_CHECK])
+    options = {"model": args.model, "methods": names, "steps": steps, "method_timeout": timeout,
+               "workers": workers, "nproc": nproc, "allow_download": args.allow_download,
+               "progress": not args.no_progress}
+    # The distributed checks run in a worker of their own: give it room for a torchrun deadline beyond its own.
+    outer = max(CHECK_TIMEOUT_S, timeout + 300.0) if distributed and timeout else None
+    steps = steps or (DIST_STEPS if distributed else DEFAULT_STEPS)
+    timeout = timeout or (DIST_TIMEOUT_S if distributed else DEFAULT_TIMEOUT_S)
+    report_options = {"model": spec.name, "methods": names, "steps": steps, "timeout_s": timeout, "workers": workers,
+                      "distributed": args.distributed, "deepspeed": args.deepspeed, "nproc": nproc, "gpus": node.gpus,
+                      "allow_download": args.allow_download}
+    return execute(args, chosen, stack, from_manifest, node, title=FINETUNE_PROG, options=options,
+                   report_options=report_options, timeout_s=outer, jobs=jobs)
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    return guarded(run_finetune, argv, FINETUNE_PROG)
+
+
+def finetune_console_main() -> None:
+    """The ``peftnode-finetune`` console script."""
+    sys.exit(finetune_main())
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """The smoke fine-tune (checks.finetune): every method on the tiny random Bloom through the worker pool,
-named failures, isolation of hanging and crashing methods, model specs and the CLI's exit codes."""
+named failures (faults injected from outside through tests/helpers/faults), isolation of hanging and
+crashing methods, model specs, and the finetune.methods check. The CLI is in test_finetune_cli.py."""
 
 from __future__ import annotations
 
-import json
-import math
+from pathlib import Path
 
 import pytest
 
 from checks.finetune import data as D
-from checks.finetune import finetune_methods, settings_from, verdict_of
+from checks.finetune import finetune_methods, settings_from
 from checks.finetune import methods as M
 from checks.finetune import pool as P
-from checks.finetune.cli import main as finetune_main
 from checks.finetune.model import BLOOMZ_560M_PARAMS, ModelSpecError, parse_model_spec
 from checks.registry import Context
 from checks.result import Status
+
+FAULTS_DIR = Path(__file__).resolve().parent / "helpers" / "faults"
 
 TINY = parse_model_spec("tiny")
 STEPS = 30
@@ -30,29 +31,32 @@ PROMPT_LEARNING = {"prefix_tuning", "prefix_tuning_v2", "p_tuning", "prompt_tuni
 @pytest.fixture(scope="module")
 def all_results():
     run = P.run_methods(SEED_AND_VARIANTS + EXTRAS, TINY, steps=STEPS, timeout_s=300)
-    return run, {r["method"]: r for r in run.results}
+    return run, {v.subject: (v, run.details[v.subject]) for v in run.verdicts}
 
 
-def test_one_worker_ran_everything_on_cpu(all_results):
-    run, _ = all_results
-    if P.gpu_slots() == [None]:
-        assert len(run.workers) == 1 and run.restarts == 0
-        assert run.workers[0]["device"] == "cpu" and run.workers[0]["params"] > 0
+def test_the_workers_ran_everything(all_results):
+    run, results = all_results
+    assert list(results) == SEED_AND_VARIANTS + EXTRAS and run.restarts == 0
+    if P.gpu_slots() == [None]:  # no GPU: the tiny model's methods shared by up to two single-threaded workers
+        assert len(run.workers) == min(2, P.usable_cpus())
+        for w in run.workers:
+            assert w["device"] == "cpu" and w["params"] > 0 and w["threads"] == P.usable_cpus() // len(run.workers)
 
 
 @pytest.mark.parametrize("name", SEED_AND_VARIANTS + EXTRAS)
 def test_method(all_results, name):
     _, results = all_results
-    r = results[name]
-    if r["status"] == "skip":
-        assert name not in M.SEED_METHODS, f"a seed method must never be skipped: {r['message']}"
+    v, d = results[name]
+    assert v.subject == name
+    if v.status is Status.SKIP:
+        assert name not in M.SEED_METHODS, f"a seed method must never be skipped: {v.message}"
         if name in SEED_AND_VARIANTS:  # a variant only when the installed PEFT predates it (DoRA: peft < 0.9)
-            assert r["message"].startswith("this PEFT cannot build it"), r["message"]
-        assert r["message"], "a skip must carry its reason"
-        pytest.skip(f"{name}: {r['message']}")
-    assert r["status"] == "pass", r["message"]
-    a, m = r["assertions"], r["metrics"]
-    assert not r["failed"]
+            assert v.message.startswith("this PEFT cannot build it"), v.message
+        assert v.message, "a skip must carry its reason"
+        pytest.skip(f"{name}: {v.message}")
+    assert v.status is Status.PASS, v.message
+    a, m = d["assertions"], d["metrics"]
+    assert not d["failed"] and not d["not_run"] and v.remediation is None
     # trainable parameters > 0 and only adapter parameters receive gradients
     assert m["trainable_params"] > 0 and a["trainable_params"]["ok"]
     assert a["adapter_only_grads"]["ok"], a["adapter_only_grads"]["detail"]
@@ -81,15 +85,26 @@ def test_method(all_results, name):
     assert m["steps_per_s"] > 0 and m["tokens_per_s"] > 0 and m["peak_memory_bytes"] > 0 and m["wall_s"] > 0
     if name == "adalora":
         assert a["adalora_schedule"]["ok"] and m["update_and_allocate_calls"] == STEPS
-    assert verdict_of(r).status is Status.PASS
+    # the report line the worker built: the figures it showed before the verdicts came from the worker
+    applicable = [x for x in a.values() if x["ok"] is not None]
+    assert v.measured["assertions"].value == f"{len(applicable)}/{len(applicable)} passed"
+    assert v.measured["loss"].value == f"{m['loss_before']:.3f}->{m['loss_after']:.3f}"
+    assert v.expected["loss_after"].value == f"< {m['loss_before']:.3f}"
+    for key, unit in (("trainable_params", None), ("steps_per_s", "steps/s"), ("tokens_per_s", "tokens/s"),
+                      ("wall_s", "s")):
+        assert (v.measured[key].value, v.measured[key].unit) == (m[key], unit)
+    assert v.measured["peak_memory"].unit == "MiB" and v.measured["peak_memory"].value > 0
 
 
 def test_seed_methods_use_the_seed_shapes(all_results):
     _, results = all_results
+
+    def trainable(name):
+        return results[name][1]["metrics"]["trainable_params"]
+
     # prefix tuning with the projection MLP trains far more than P-Tuning v2 without it
-    assert results["prefix_tuning"]["metrics"]["trainable_params"] > results["prefix_tuning_v2"]["metrics"][
-        "trainable_params"]
-    assert results["dora"]["metrics"]["trainable_params"] > results["lora"]["metrics"]["trainable_params"]
+    assert trainable("prefix_tuning") > trainable("prefix_tuning_v2")
+    assert trainable("dora") > trainable("lora")
 
 
 def test_known_skips_are_reported_with_their_reason(all_results):
@@ -97,51 +112,76 @@ def test_known_skips_are_reported_with_their_reason(all_results):
     for peft_type, reason in M.KNOWN_SKIPS.items():
         name = peft_type.lower()
         if name in results:
-            assert results[name]["status"] == "skip" and results[name]["message"] == reason
-            assert verdict_of(results[name]).status is Status.SKIP
+            v, _ = results[name]
+            assert v.status is Status.SKIP and v.message == reason and v.remediation is None
 
 
 # --- failures are named, and a bad method fails alone ----------------------------------------------
 
 
-def test_faults_fail_alone_and_are_named(monkeypatch):
-    # through the environment hook, as an operator reproducing a report would
-    monkeypatch.setenv(P.FAULTS_ENV, "ia3:hang,prompt_tuning:crash,prefix_tuning:zero_lr,p_tuning:corrupt_adapter")
-    run = P.run_methods(["lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"], TINY, steps=STEPS,
-                        timeout_s=12)
-    r = {x["method"]: x for x in run.results}
-    assert r["lora"]["status"] == "pass", r["lora"]["message"]
-    assert r["ia3"]["status"] == "fail" and r["ia3"]["failed"] == ["timeout"]
-    assert "timed out after 12 s" in r["ia3"]["message"]
-    assert r["prompt_tuning"]["status"] == "error" and r["prompt_tuning"]["failed"] == ["crash"]
-    assert "SIGABRT" in r["prompt_tuning"]["message"]
+@pytest.fixture
+def faults(monkeypatch):
+    """Inject faults into the processes this test starts: tests/helpers/faults on sys.path becomes their
+    PYTHONPATH (checks.proc.child_env), and its sitecustomize patches the real functions."""
+    monkeypatch.syspath_prepend(str(FAULTS_DIR))
+
+    def inject(spec: str) -> None:
+        monkeypatch.setenv("PEFTNODE_TEST_FAULTS", spec)
+
+    return inject
+
+
+def test_faults_fail_alone_and_are_named(faults):
+    faults("ia3:hang,prompt_tuning:crash,adalora:raise,prefix_tuning:zero_lr,p_tuning:corrupt_adapter")
+    names = ["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning"]
+    run = P.run_methods(names, TINY, steps=STEPS, timeout_s=12)
+    v = {x.subject: x for x in run.verdicts}
+    d = run.details
+    assert [x.subject for x in run.verdicts] == names
+    assert v["lora"].status is Status.PASS, v["lora"].message
+    # a hang: killed at the method's timeout, a fail named timeout
+    assert v["ia3"].status is Status.FAIL and d["ia3"]["failed"] == ["timeout"]
+    assert "timed out after 12 s" in v["ia3"].message and "timeout" in v["ia3"].remediation
+    # a crash: an error naming the signal; a fresh worker runs the next method
+    assert v["prompt_tuning"].status is Status.ERROR and d["prompt_tuning"]["failed"] == ["crash"]
+    assert "crashed with SIGABRT" in v["prompt_tuning"].message
+    # an exception in the worker: an error; the worker itself goes on
+    assert v["adalora"].status is Status.ERROR and d["adalora"]["failed"] == ["worker_error"]
+    assert "RuntimeError: injected failure" in v["adalora"].message
     # lr 0: the loss cannot fall, and that is the assertion named; the rest still holds
-    zero = r["prefix_tuning"]
-    assert zero["status"] == "fail" and zero["failed"] == ["loss_decreased"], zero["message"]
+    zero = d["prefix_tuning"]
+    assert v["prefix_tuning"].status is Status.FAIL and zero["failed"] == ["loss_decreased"], v["prefix_tuning"].message
     assert zero["metrics"]["loss_after"] == pytest.approx(zero["metrics"]["loss_before"])
-    assert zero["message"].startswith("loss_decreased: held-out loss")
+    assert v["prefix_tuning"].message.startswith("loss_decreased: held-out loss")
+    assert "loss_decreased" in v["prefix_tuning"].remediation
+    assert v["prefix_tuning"].measured["assertions"].value == "7/8 passed"
     # a damaged adapter file: the reload comparison fails by name
-    bad = r["p_tuning"]
-    assert bad["status"] == "fail" and bad["failed"] == ["reload_logits"], bad["message"]
+    bad = d["p_tuning"]
+    assert v["p_tuning"].status is Status.FAIL and bad["failed"] == ["reload_logits"], v["p_tuning"].message
     assert bad["metrics"]["reload_max_abs_diff"] > 1e-4
-    assert run.restarts == 2
-    verdicts = {x["method"]: verdict_of(x) for x in run.results}
-    assert verdicts["ia3"].status is Status.FAIL and verdicts["prompt_tuning"].status is Status.ERROR
-    assert "loss_decreased" in verdicts["prefix_tuning"].remediation
-
-
-def test_parse_faults():
-    assert P.parse_faults("lora:hang, ia3:crash,ia3:raise,,junk") == {"lora": {"hang"}, "ia3": {"crash", "raise"}}
-    assert P.parse_faults(None) == {}
+    assert run.restarts == 2  # the hang and the crash; the exception left its worker running
 
 
 def test_gpu_slots_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert P.gpu_slots() == ["2", "5"]
+    assert P.worker_slots(6, TINY) == [P.Slot("2"), P.Slot("5")]
+    assert P.worker_slots(1, TINY) == [P.Slot("2")] and P.worker_slots(6, TINY, max_workers=1) == [P.Slot("2")]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert P.gpu_slots() == [None]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert P.gpu_slots() == [None]
+
+
+def test_cpu_workers(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(P, "usable_cpus", lambda: 16)
+    assert P.worker_slots(6, TINY) == [P.Slot(None, 8)] * 2  # the tiny model: two workers, the CPUs shared
+    assert P.worker_slots(1, TINY) == [P.Slot(None, 16)]
+    assert P.worker_slots(6, parse_model_spec("random:bloomz-560m")) == [P.Slot(None, 16)]  # a real model: one
+    assert P.worker_slots(6, TINY, max_workers=4) == [P.Slot(None, 4)] * 4
+    monkeypatch.setattr(P, "usable_cpus", lambda: 1)
+    assert P.worker_slots(6, TINY) == [P.Slot(None, 1)]
 
 
 # --- methods: names, discovery, plans ----------------------------------------------------------------
@@ -266,14 +306,16 @@ def test_settings_come_from_options_then_the_stack(cu117):
     assert bad[0].status is Status.ERROR and "unknown method 'nope'" in bad[0].message
 
 
-def test_verify_check_runs_isolated_with_one_verdict_per_method(cu117):
+def test_verify_check_runs_in_the_runner_with_one_verdict_per_method(cu117):
     from checks.registry import _REGISTRY  # importing checks.finetune registered it
-    from checks.runner import run_isolated
+    from checks.runner import run_checks
 
     spec = _REGISTRY["finetune.methods"]
-    assert spec.isolate and spec.slow and spec.group == "finetune"
+    # it only supervises worker processes (each method under its own timeout): no worker of its own
+    assert not spec.out_of_process and spec.slow and spec.exclusive and spec.group == "finetune"
     ctx = Context(cu117.data, cu117.expectations(), options={"model": "tiny", "methods": "lora,xlora", "steps": 5})
-    results = {r.name: r for r in run_isolated(spec, ctx, timeout_s=120)}
+    results = {r.name: r for r in run_checks([spec], ctx)}
+    assert list(results) == ["finetune.methods[lora]", "finetune.methods[xlora]", "finetune.methods[workers]"]
     assert results["finetune.methods[lora]"].status is Status.PASS
     assert results["finetune.methods[xlora]"].status is Status.SKIP
     assert results["finetune.methods[workers]"].measured["model_params"].value > 0
@@ -290,67 +332,6 @@ def test_random_bloomz_560m_has_the_exact_parameter_count():
     assert count_parameters(model) == model.num_parameters() == BLOOMZ_560M_PARAMS == 559_214_592
 
 
-# --- CLI ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--methods", "lora,nope", "--model", "tiny"], "unknown method 'nope'"),
-    (["--model", "random:gpt9"], "unknown random model"),
-    (["--model", ""], "--model: empty"),
-    (["--steps", "0", "--model", "tiny"], "--steps: '0' is not a positive whole number"),
-    (["--timeout", "soon", "--model", "tiny"], "--timeout: 'soon'"),
-    (["--bogus"], "unrecognized arguments"),
-])
-def test_cli_usage_errors_exit_2_on_one_line(argv, needle, capsys):
-    assert finetune_main(argv) == 2
-    err = capsys.readouterr().err
-    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_cli_missing_model_exits_1_naming_the_path(tmp_path, capsys):
-    missing = tmp_path / "nowhere"
-    report = tmp_path / "report.json"
-    assert finetune_main(["--model", str(missing), "--json", str(report), "--no-progress"]) == 1
-    data = json.loads(report.read_text())
-    (result,) = data["results"]
-    assert result["status"] == "fail" and str(missing) in result["message"]
-    assert "git lfs clone" in result["remediation"]
-
-
-def test_cli_list(capsys):
-    assert finetune_main(["--list"]) == 0
-    out = capsys.readouterr().out
-    assert "lora" in out and "prefix_tuning_v2" in out and "default" in out
-
-
-def test_cli_runs_a_saved_model_directory_and_writes_a_valid_report(tmp_path, capsys):
-    import jsonschema
-
-    from checks.finetune.model import build_random
-    from checks.report.jsonreport import load_schema
-
-    # a saved model directory, as the stack's model.path holds (here: the tiny model, saved)
-    model_dir = tmp_path / "bloom-tiny"
-    tokenizer = D.build_tiny_tokenizer()
-    tokenizer.save_pretrained(model_dir)
-    build_random("tiny", tokenizer).save_pretrained(model_dir)
-    report = tmp_path / "report.json"
-    code = finetune_main(["--model", str(model_dir), "--methods", "lora,prompt_tuning,xlora", "--steps", "10",
-                          "--json", str(report)])
-    assert code == 0
-    data = json.loads(report.read_text())
-    jsonschema.validate(data, load_schema())
-    by_name = {r["name"]: r for r in data["results"]}
-    assert by_name["finetune.methods[lora]"]["status"] == "pass"
-    assert by_name["finetune.methods[prompt_tuning]"]["status"] == "pass"  # TEXT init reads the model's tokenizer
-    assert by_name["finetune.methods[xlora]"]["status"] == "skip"
-    assert by_name["finetune.methods[workers]"]["measured"]["import_s"]["value"] > 0
-    lora = by_name["finetune.methods[lora]"]["measured"]
-    for key in ("steps_per_s", "tokens_per_s", "peak_memory", "wall_s"):
-        assert math.isfinite(lora[key]["value"]) and lora[key]["value"] > 0
-    assert "[1/3]" in capsys.readouterr().err
-
-
 # --- GPU ----------------------------------------------------------------------------------------------
 
 
@@ -361,11 +342,11 @@ def test_methods_run_on_the_gpus():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: torch.cuda.is_available() is False here")
     run = P.run_methods(["lora", "adalora", "prefix_tuning", "prompt_tuning"], TINY, steps=STEPS, timeout_s=300)
-    assert all(r["status"] == "pass" for r in run.results), [r["message"] for r in run.results]
+    assert all(v.status is Status.PASS for v in run.verdicts), [v.message for v in run.verdicts]
     assert all(w["device"].startswith("cuda") for w in run.workers)
     assert len(run.workers) == min(torch.cuda.device_count(), 4)
-    for r in run.results:
-        assert r["metrics"]["peak_memory_kind"] == "cuda_max_allocated" and r["metrics"]["peak_memory_bytes"] > 0
+    for d in run.details.values():
+        assert d["metrics"]["peak_memory_kind"] == "cuda_max_allocated" and d["metrics"]["peak_memory_bytes"] > 0
 
 
 def test_missing_packages_fail_with_the_reason_not_a_crash(monkeypatch, cu117):

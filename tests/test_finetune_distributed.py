@@ -1,29 +1,31 @@
 """The distributed fine-tunes (checks.finetune.distributed): DDP across ranks started by torchrun, run for
-real with gloo on the CPU (2 ranks, tiny model), its named failures (diverged adapters, a hung rank), the
-SKIP / FAIL rules of finetune.distributed and finetune.deepspeed, and the CLI flags."""
+real with gloo on the CPU (2 ranks, tiny model), its named failures (diverged adapters, a hung rank, a
+crashed rank: faults injected from outside through tests/helpers/faults), and the SKIP / FAIL rules of
+finetune.distributed and finetune.deepspeed. Their CLI flags are in test_finetune_cli.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import checks.finetune as ft
+from checks.cli import finetune_main
 from checks.finetune import distributed as DIST
-from checks.finetune.cli import build_parser
-from checks.finetune.cli import main as finetune_main
-from checks.finetune.launch import Launch, processes_using
+from checks.finetune.launch import Launch
 from checks.finetune.model import parse_model_spec
+from checks.proc import Exit
 from checks.registry import Context
 from checks.result import Status
 
 TINY = parse_model_spec("tiny")
 STEPS = 5
 NO_CUDA = (False, 0, "hidden by the test")
+FAULTS_DIR = Path(__file__).resolve().parent / "helpers" / "faults"
 
 
 def no_cuda():
@@ -33,12 +35,18 @@ def no_cuda():
 @pytest.fixture
 def cpu_only(monkeypatch):
     """torch sees no CUDA (as on this CPU node, and on a GPU node whose driver is broken)."""
-    import checks.perf
+    import checks.timing
 
-    monkeypatch.setattr(checks.perf, "cuda_status", no_cuda)
+    monkeypatch.setattr(checks.timing, "cuda_status", no_cuda)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv(DIST.NPROC_ENV, raising=False)
-    monkeypatch.delenv(DIST.FAULTS_ENV, raising=False)
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    """Inject faults into the ranks this test starts (see tests/helpers/faults/sitecustomize.py)."""
+    monkeypatch.syspath_prepend(str(FAULTS_DIR))
+    return lambda spec: monkeypatch.setenv("PEFTNODE_TEST_FAULTS", spec)
 
 
 def node(cu117, gpus: int) -> dict:
@@ -47,7 +55,13 @@ def node(cu117, gpus: int) -> dict:
 
 def rank_processes() -> list[int]:
     """Live processes running a rank module of this package (there must be none after a run)."""
-    return processes_using("checks.finetune.ddp") + processes_using("checks.finetune.zero")
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] != psutil.STATUS_ZOMBIE and ("checks.finetune.ddp" in cmdline
+                                                         or "checks.finetune.zero" in cmdline):
+            found.append(p.pid)
+    return found
 
 
 # --- the real thing: torchrun, 2 ranks, gloo on the CPU -----------------------------------------------
@@ -56,12 +70,10 @@ def rank_processes() -> list[int]:
 @pytest.fixture(scope="module")
 def ddp_report(tmp_path_factory):
     """One real DDP run through ``invoke finetune --distributed --nproc 2`` (CUDA hidden), its JSON report."""
-    import checks.perf
-
     report = tmp_path_factory.mktemp("ddp") / "report.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checks.perf, "cuda_status", no_cuda)
-        mp.delenv(DIST.FAULTS_ENV, raising=False)
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")  # the check runs in a worker process: hide CUDA from it
+        mp.delenv("PEFTNODE_TEST_FAULTS", raising=False)
         started = time.monotonic()
         code = finetune_main(["--distributed", "--nproc", "2", "--model", "tiny", "--steps", str(STEPS),
                               "--timeout", "120", "--json", str(report), "--no-progress"])
@@ -98,9 +110,9 @@ def test_ddp_on_cpu_passes_with_identical_adapters(ddp_report):
                       f"steps/s" for r in (0, 1)))
 
 
-def test_diverged_adapters_fail_by_name(monkeypatch, cpu_only):
-    # test hook: rank 1 perturbs its adapter after training, as a broken all-reduce would leave it
-    monkeypatch.setenv(DIST.FAULTS_ENV, "1:diverge")
+def test_diverged_adapters_fail_by_name(faults, cpu_only):
+    # rank 1 moves its adapter after training, as a broken all-reduce would leave it
+    faults("rank1:diverge")
     verdicts = DIST.ddp_verdicts(0, TINY, steps=STEPS, timeout_s=120, nproc=2, cuda=no_cuda)
     summary, rank0, rank1 = verdicts
     assert summary.status is Status.FAIL and summary.subject == "ddp"
@@ -113,8 +125,8 @@ def test_diverged_adapters_fail_by_name(monkeypatch, cpu_only):
     assert not rank_processes()
 
 
-def test_a_hung_rank_is_killed_at_the_timeout(monkeypatch, cpu_only):
-    monkeypatch.setenv(DIST.FAULTS_ENV, "1:hang")
+def test_a_hung_rank_is_killed_at_the_timeout(faults, cpu_only):
+    faults("rank1:hang")
     started = time.monotonic()
     verdicts = DIST.ddp_verdicts(0, TINY, steps=STEPS, timeout_s=8, nproc=2, cuda=no_cuda)
     elapsed = time.monotonic() - started
@@ -124,6 +136,16 @@ def test_a_hung_rank_is_killed_at_the_timeout(monkeypatch, cpu_only):
     assert summary.measured["leftover_processes"].value == 0 and summary.measured["killed_processes"].value >= 1
     assert elapsed < 8 + 15
     assert all(v.status is Status.FAIL for v in verdicts[1:])  # every rank that reported was killed
+    assert not rank_processes()
+
+
+def test_a_crashed_rank_is_named_with_its_signal_and_stage(faults, cpu_only):
+    faults("rank1:crash")
+    summary, *ranks = DIST.ddp_verdicts(0, TINY, steps=STEPS, timeout_s=120, nproc=2, cuda=no_cuda)
+    assert summary.status is Status.FAIL
+    assert summary.message.startswith("all_ranks_finished:"), summary.message
+    assert "rank 1 stopped at train step 2/5 (killed by SIGABRT)" in summary.message
+    assert any(v.subject == "rank1" and v.status is Status.FAIL for v in ranks)
     assert not rank_processes()
 
 
@@ -157,8 +179,8 @@ Root Cause (first observed failure):
 """
 
 
-def test_a_crashed_rank_is_named_with_its_signal_and_stage():
-    launch = Launch("checks.finetune.ddp", 2, [], returncode=1, log_tail=TORCHRUN_FAILURE,
+def test_a_crash_in_torchruns_summary_is_named_with_its_signal_and_stage():
+    launch = Launch("checks.finetune.ddp", 2, Exit(code=1, tail=TORCHRUN_FAILURE),
                     ranks={0: _rank(0, ok=False, stage="train step 2/5",
                                     error="RuntimeError: Connection closed by peer"),
                            1: _rank(1, ok=False, stage="train step 2/5")})
@@ -172,28 +194,22 @@ def test_a_crashed_rank_is_named_with_its_signal_and_stage():
 
 
 def test_non_finite_and_rising_losses_are_named():
-    launch = Launch("checks.finetune.ddp", 2, [], returncode=0,
+    launch = Launch("checks.finetune.ddp", 2, Exit(code=0),
                     ranks={0: _rank(0, train_losses=[6.0, float("nan")]), 1: _rank(1, loss_after=7.0)})
     summary = DIST.judge_ddp(launch, PLAN2)[0]
     assert summary.status is Status.FAIL
     assert "loss_finite: non-finite loss on rank(s) 0" in summary.message
     assert "loss_decreased: held-out loss did not fall on rank(s) 1 (6.0000 -> 7.0000)" in summary.message
-    assert DIST.judge_ddp(Launch("m", 2, [], returncode=0, ranks={0: _rank(0), 1: _rank(1)}), PLAN2)[0].status \
+    assert DIST.judge_ddp(Launch("m", 2, Exit(code=0), ranks={0: _rank(0), 1: _rank(1)}), PLAN2)[0].status \
         is Status.PASS
 
 
 def test_zero_judge_names_a_wrong_stage_and_passes_a_good_run():
     plan = DIST.Plan(1, "nccl", "cuda", "one GPU")
-    good = DIST.judge_zero(Launch("m", 1, [], returncode=0, ranks={0: _rank(0, deepspeed="0.19.8")}), plan)[0]
+    good = DIST.judge_zero(Launch("m", 1, Exit(code=0), ranks={0: _rank(0, deepspeed="0.19.8")}), plan)[0]
     assert good.status is Status.PASS and good.subject == "zero2" and "ZeRO stage 2" in good.message
-    bad = DIST.judge_zero(Launch("m", 1, [], returncode=0, ranks={0: _rank(0, zero_stage=0)}), plan)[0]
+    bad = DIST.judge_zero(Launch("m", 1, Exit(code=0), ranks={0: _rank(0, zero_stage=0)}), plan)[0]
     assert bad.status is Status.FAIL and bad.message.startswith("zero_stage: the engine runs ZeRO stage 0")
-
-
-def test_rank_faults_parse():
-    assert DIST.parse_rank_faults("1:diverge, 0:hang,1:zero_lr,junk,x:y") == {"1": ["diverge", "zero_lr"],
-                                                                             "0": ["hang"]}
-    assert DIST.parse_rank_faults(None) == {}
 
 
 # --- when the checks run: the SKIP / FAIL rules through the registered functions ------------------------
@@ -217,13 +233,13 @@ def test_ddp_skips_without_gpus_and_with_one(cu117, cpu_only):
 
 
 def test_ddp_fails_on_a_gpu_node_without_cuda(cu117, monkeypatch, cpu_only):
-    import checks.perf
+    import checks.timing
 
-    monkeypatch.setattr(checks.perf, "cuda_status", lambda: (False, 0, "torch 2.13.0+cpu is a CPU-only build"))
+    monkeypatch.setattr(checks.timing, "cuda_status", lambda: (False, 0, "torch 2.13.0+cpu is a CPU-only build"))
     [v] = ft.finetune_distributed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and "no CUDA device visible to torch (torch 2.13.0+cpu is a CPU-only build)" \
         in v.message and "8 GPU(s)" in v.message
-    monkeypatch.setattr(checks.perf, "cuda_status", lambda: (True, 1, None))
+    monkeypatch.setattr(checks.timing, "cuda_status", lambda: (True, 1, None))
     [v] = ft.finetune_distributed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and v.message.startswith("only 1 CUDA device visible")
 
@@ -285,13 +301,13 @@ def test_deepspeed_skips_when_not_installed(cu117, deepspeed_missing, cpu_only):
 
 
 def test_deepspeed_rules_when_installed(cu117, monkeypatch, deepspeed_present, cpu_only):
-    import checks.perf
+    import checks.timing
 
     [v] = ft.finetune_deepspeed(Context(cu117.data, node(cu117, 0), options={"model": "tiny"}))
     assert v.status is Status.SKIP and "expected to have no GPUs" in v.message
     [v] = ft.finetune_deepspeed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and "no CUDA device visible to torch (hidden by the test)" in v.message
-    monkeypatch.setattr(checks.perf, "cuda_status", lambda: (True, 8, None))
+    monkeypatch.setattr(checks.timing, "cuda_status", lambda: (True, 8, None))
     plan = DIST.plan_zero(8, None)
     assert (plan.nproc, plan.backend, plan.why) == (1, "nccl", "one GPU")
     assert DIST.plan_zero(1, None).nproc == 1  # one GPU is enough for ZeRO-2 here
@@ -312,7 +328,7 @@ def test_deepspeed_config_is_minimal_zero2():
 def test_deepspeed_zero2_runs_for_real():
     """On a GPU: one GPU, bf16/fp16. Without CUDA: one rank on DeepSpeed's CPU accelerator in bf16 (it
     builds its shared-memory op with the C++ compiler on first use: up to a minute, once)."""
-    from checks.perf import cuda_status
+    from checks.timing import cuda_status
 
     usable, _, _ = cuda_status()
     verdicts = DIST.zero_verdicts(8 if usable else 0, TINY, steps=STEPS, timeout_s=240, nproc=None if usable else 1)
@@ -326,7 +342,7 @@ def test_deepspeed_zero2_runs_for_real():
 
 @pytest.mark.gpu
 def test_ddp_runs_over_nccl_on_every_gpu(cu117):
-    from checks.perf import cuda_status
+    from checks.timing import cuda_status
 
     usable, count, reason = cuda_status()
     if not usable or count < 2:
@@ -337,55 +353,6 @@ def test_ddp_runs_over_nccl_on_every_gpu(cu117):
     assert len(per_rank) == count and all(v.status is Status.PASS for v in per_rank)
 
 
-# --- CLI and the invoke task ------------------------------------------------------------------------------
-
-
-def test_cli_flags_parse():
-    args = build_parser().parse_args(["--distributed", "--deepspeed", "--nproc", "2", "--model", "tiny"])
-    assert args.distributed and args.deepspeed and args.nproc == "2"
-    args = build_parser().parse_args([])
-    assert not args.distributed and not args.deepspeed and args.nproc is None and args.steps is None
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["--distributed", "--nproc", "1", "--model", "tiny"], "--nproc: DDP needs at least 2 ranks, got 1"),
-    (["--distributed", "--nproc", "two", "--model", "tiny"], "--nproc: 'two' is not a whole number"),
-    (["--deepspeed", "--nproc", "0", "--model", "tiny"], "--nproc: 0 is out of range"),
-    (["--nproc", "2", "--model", "tiny"], "--nproc applies to --distributed / --deepspeed only"),
-    (["--distributed", "--methods", "lora", "--model", "tiny"], "--methods does not apply to --distributed"),
-    (["--distributed", "--workers", "2", "--model", "tiny"], "--workers does not apply"),
-])
-def test_cli_usage_errors(argv, needle, capsys, monkeypatch):
-    monkeypatch.delenv(DIST.NPROC_ENV, raising=False)
-    assert finetune_main(argv) == 2
-    err = capsys.readouterr().err
-    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_cli_skips_without_gpus(tmp_path, cu117, monkeypatch, cpu_only):
-    stack = tmp_path / "cpu.yml"
-    import yaml
-
-    stack.write_text(yaml.safe_dump(dict(cu117.data, node=dict(cu117.data.get("node") or {}, gpus=0))))
-    report = tmp_path / "r.json"
-    assert finetune_main(["--distributed", "--deepspeed", "--model", "tiny", "--stack", str(stack), "--json",
-                          str(report), "--no-progress"]) == 0
-    statuses = {r["name"]: r["status"] for r in json.loads(report.read_text())["results"]}
-    assert statuses == {"finetune.distributed": "skip", "finetune.deepspeed": "skip"}
-
-
-def test_invoke_task_forwards_the_new_flags(monkeypatch):
-    import invoke
-
-    import checks.finetune.cli as cli
-    import tasks
-
-    seen = []
-    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 0)
-    tasks.finetune(invoke.Context(), model="tiny", distributed=True, deepspeed=True, nproc=2)
-    assert seen == [["--model", "tiny", "--distributed", "--deepspeed", "--nproc", "2"]]
-
-
 def test_no_rank_processes_are_left():
-    assert not rank_processes(), [Path(f"/proc/{p}/cmdline").read_bytes() for p in rank_processes()
-                                  if os.path.exists(f"/proc/{p}")]
+    assert not rank_processes(), [" ".join(psutil.Process(p).cmdline()) for p in rank_processes()
+                                  if psutil.pid_exists(p)]

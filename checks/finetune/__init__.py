@@ -2,13 +2,15 @@
 
 ``finetune.methods`` trains each method for a few steps on a small bundled data set and checks what
 PEFT promises (trainable adapter only, loss falls, adapter-only save, reload, merge, disable,
-generate), one verdict per method. The methods run in worker processes, one per GPU (see
-:mod:`checks.finetune.pool`), so a method that hangs or crashes fails alone.
+generate), one verdict per method. The methods run in worker processes (one per GPU; see
+:mod:`checks.finetune.pool`), each under its own timeout, so a method that hangs or crashes fails
+alone; the check itself only supervises them and runs in the runner's process.
 
 Options read from the run's context (``ctx.options``), all optional:
 ``model`` (tiny, random:bloomz-560m or a directory; default the stack's ``model.path``),
 ``methods`` (names or ``all``; default the stack's ``finetune.methods``), ``steps``,
-``method_timeout`` (seconds per method), ``allow_download``, ``workers``.
+``method_timeout`` (seconds per method), ``allow_download``, ``workers``, ``progress`` (a line per
+finished method on stderr).
 
 ``finetune.distributed`` fine-tunes LoRA with DDP across the node's GPUs (torchrun, NCCL) and checks
 that every rank finishes, the loss falls and the adapters stay identical on every rank;
@@ -22,55 +24,12 @@ Importing this package is cheap: torch is imported only by the workers and the t
 
 from __future__ import annotations
 
-import math
+import sys
 
 from checks.registry import Context, check
-from checks.result import Status, Verdict
+from checks.result import Status, Value, Verdict
 
-CHECK_TIMEOUT_S = 3600.0  # the whole check; each method has its own (pool.DEFAULT_TIMEOUT_S)
-
-_STATUS = {"pass": Status.PASS, "fail": Status.FAIL, "skip": Status.SKIP, "error": Status.ERROR}
-
-
-def _mib(value) -> float | None:
-    return round(value / 2**20, 1) if isinstance(value, (int, float)) else None
-
-
-def verdict_of(result: dict, rerun_hint: str = "invoke finetune") -> Verdict:
-    """One method's result dict (run.run_method / pool) as a verdict whose subject is the method."""
-    name = result["method"]
-    status = _STATUS.get(result.get("status"), Status.ERROR)
-    m = result.get("metrics") or {}
-    measured: dict = {}
-    if "loss_before" in m and "loss_after" in m:
-        measured["loss"] = f"{m['loss_before']:.3f}->{m['loss_after']:.3f}"
-    for key, unit in (("trainable_params", None), ("steps_per_s", "steps/s"), ("tokens_per_s", "tokens/s"),
-                      ("wall_s", "s")):
-        if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]):
-            measured[key] = (m[key], unit)
-    if m.get("peak_memory_bytes") is not None:
-        measured["peak_memory"] = (_mib(m["peak_memory_bytes"]), "MiB")
-    applicable = [a for a in (result.get("assertions") or {}).values() if a.get("ok") is not None]
-    if applicable and status in (Status.PASS, Status.FAIL):
-        measured["assertions"] = f"{sum(1 for a in applicable if a['ok'])}/{len(applicable)} passed"
-    expected = {}
-    if status in (Status.PASS, Status.FAIL) and "loss_before" in m:
-        expected["loss_after"] = f"< {m['loss_before']:.3f}"
-    remediation = None
-    if status in (Status.FAIL, Status.ERROR):
-        failed = result.get("failed") or []
-        remediation = (f"Failed assertion(s): {', '.join(failed) or 'see message'}. Rerun this method alone to "
-                       f"see it: {rerun_hint} --methods {name}; a PEFT/transformers/torch version mismatch is the "
-                       f"usual cause when every method fails the same way.")
-    return Verdict(status, result.get("message", ""),
-                   measured={k: _value(v) for k, v in measured.items()},
-                   expected=expected, remediation=remediation, subject=name)
-
-
-def _value(v):
-    from checks.result import Value
-
-    return Value(*v) if isinstance(v, tuple) else Value(v)
+CHECK_TIMEOUT_S = 3600.0  # the distributed checks' worker process; each method has its own (pool.DEFAULT_TIMEOUT_S)
 
 
 def worker_verdict(pool_run) -> Verdict | None:
@@ -80,27 +39,44 @@ def worker_verdict(pool_run) -> Verdict | None:
     first = pool_run.workers[0]
     versions = first.get("versions") or {}
     devices = sorted({str(w.get("device", "?")) for w in pool_run.workers})
-    message = (f"{len(pool_run.workers)} worker process(es) on {', '.join(devices)}: torch {versions.get('torch')}, "
+    threads = sorted({w.get("threads") for w in pool_run.workers if w.get("threads")})
+    on_cpu = all(str(w.get("device", "")).startswith("cpu") for w in pool_run.workers)
+    where = ", ".join(devices) + (f" ({'/'.join(map(str, threads))} thread(s) each)" if on_cpu and threads else "")
+    message = (f"{len(pool_run.workers)} worker process(es) on {where}: torch {versions.get('torch')}, "
                f"transformers {versions.get('transformers')}, peft {versions.get('peft')}; "
                f"{pool_run.restarts} restart(s) after a timeout or crash")
-    measured = {"import_s": (first.get("import_s"), "s"), "load_s": (first.get("load_s"), "s"),
-                "model_params": first.get("params"), "wall_s": (pool_run.wall_s, "s")}
-    return Verdict(Status.PASS, message, measured={k: _value(v) for k, v in measured.items()}, subject="workers")
+    measured = {"import_s": Value(first.get("import_s"), "s"), "load_s": Value(first.get("load_s"), "s"),
+                "model_params": Value(first.get("params")), "wall_s": Value(pool_run.wall_s, "s")}
+    return Verdict(Status.PASS, message, measured=measured, subject="workers")
 
 
 def settings_from(ctx: Context) -> dict:
     """Model spec, method names and run settings from the context (raising the module's usage errors)."""
     from checks.finetune.methods import expand
     from checks.finetune.model import parse_model_spec
+    from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
 
     options = ctx.options or {}
     allow = bool(options.get("allow_download"))
     spec = parse_model_spec(options.get("model"), ctx.stack.get("model"), allow_download=allow)
     defaults = (ctx.stack.get("finetune") or {}).get("methods") or None
     names = expand(options.get("methods"), defaults) if defaults else expand(options.get("methods"))
-    return {"model": spec, "methods": names, "steps": int(options.get("steps") or 30),
-            "timeout_s": float(options.get("method_timeout") or 600.0),
-            "workers": options.get("workers")}
+    return {"model": spec, "methods": names, "steps": int(options.get("steps") or DEFAULT_STEPS),
+            "timeout_s": float(options.get("method_timeout") or DEFAULT_TIMEOUT_S),
+            "workers": int(options["workers"]) if options.get("workers") else None}
+
+
+def progress_printer(total: int):
+    """One line per finished method on stderr (``invoke finetune`` without --no-progress)."""
+    done = {"n": 0}
+
+    def show(verdict: Verdict) -> None:
+        done["n"] += 1
+        wall = verdict.measured.get("wall_s")
+        took = f" ({wall.value:.2f} s)" if wall and isinstance(wall.value, (int, float)) else ""
+        print(f"  [{done['n']}/{total}] {verdict.subject}: {verdict.status.label}{took}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def missing_model_verdict(spec) -> Verdict:
@@ -130,8 +106,10 @@ def missing_packages_verdict(missing: list[str]) -> Verdict:
 
 
 @check("finetune.methods", "Each PEFT method fine-tunes, saves, reloads, merges and generates on the stack's model",
-       isolate=True, slow=True, exclusive=True, needs=("cuda.torch",), timeout_s=CHECK_TIMEOUT_S)
+       slow=True, exclusive=True, needs=("cuda.torch",))
 def finetune_methods(ctx: Context) -> list[Verdict]:
+    """Runs in the runner's process: the methods run in the pool's worker processes, each under its own
+    timeout, so a method that hangs or crashes fails alone and cannot take the run with it."""
     from checks.finetune.methods import MethodError
     from checks.finetune.model import ModelSpecError
     from checks.finetune.pool import run_methods
@@ -146,11 +124,11 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
                         remediation="Fix the stack's finetune.methods / model.path or the options given.")]
     if s["model"].missing():
         return [missing_model_verdict(s["model"])]
+    progress = progress_printer(len(s["methods"])) if (ctx.options or {}).get("progress") else None
     run = run_methods(s["methods"], s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
-                      max_workers=s["workers"])
-    verdicts = [verdict_of(r, f"invoke finetune --model {s['model'].name}") for r in run.results]
+                      max_workers=s["workers"], progress=progress)
     workers = worker_verdict(run)
-    return verdicts + ([workers] if workers else [])
+    return run.verdicts + ([workers] if workers else [])
 
 
 def _distributed_settings(ctx: Context, minimum_nproc: int) -> dict:

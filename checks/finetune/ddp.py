@@ -6,30 +6,23 @@ held-out loss before and after. Then the ranks compare what DDP must keep equal:
 exact bytes of its adapter tensors, the hashes are all-gathered, and rank 0's adapter is broadcast so
 each rank also knows its largest difference from it. Timing leaves the first step out (warm-up).
 
-Test hooks (``config["faults"]`` per rank): ``hang`` (sleep forever after joining the process group:
-the others wait in DDP's first broadcast), ``crash`` (abort at the second step), ``diverge`` (perturb
-this rank's adapter after training, as a broken all-reduce would leave it), ``zero_lr``.
-
 Usage (torchrun): ``python -m torch.distributed.run --standalone --nproc_per_node N -m checks.finetune.ddp RUN_DIR``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 
 from checks.finetune import ranks as R
 
 BATCH_SIZE = 8
-DIVERGE_BY = 1e-3
 
 
 def body(run_dir: str, status: R.Status) -> None:
     config = R.read_config(run_dir)
     rank, world, local_rank = (status.data[k] for k in ("rank", "world_size", "local_rank"))
-    faults = R.faults_for(config, rank)
     status.stage("import")
     from datetime import timedelta
 
@@ -43,13 +36,9 @@ def body(run_dir: str, status: R.Status) -> None:
     device, amp = R.device_for(backend, local_rank)
     status.stage("init_process_group", backend=backend, device=str(device),
                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 torch=torch.__version__, faults=sorted(faults))
+                 torch=torch.__version__)
     dist.init_process_group(backend, timeout=timedelta(seconds=float(config["timeout_s"])))
     status.update(world_size_seen=dist.get_world_size(), rank_seen=dist.get_rank())
-    if "hang" in faults:
-        status.stage("hang (test hook)")
-        R.hang_forever()
-
     status.stage("load_model")
     t0 = time.perf_counter()
     model, tokenizer, plan = R.load_lora(config, run_dir, rank)
@@ -64,7 +53,7 @@ def body(run_dir: str, status: R.Status) -> None:
     loss_before = held_out_loss(model.eval(), held_out)
 
     steps = int(config["steps"])
-    lr = 0.0 if "zero_lr" in faults else float(config.get("lr") or plan.lr)
+    lr = float(config.get("lr") or plan.lr)
     optimizer = torch.optim.AdamW(list(adapters.values()), lr=lr)
     scaler = _grad_scaler() if amp == torch.float16 else None
     losses, tokens, timed_tokens, timed_from = [], 0, 0, 1 if steps > 1 else 0
@@ -74,8 +63,6 @@ def body(run_dir: str, status: R.Status) -> None:
     started = time.perf_counter()
     for step in range(steps):
         status.stage(f"train step {step + 1}/{steps}")
-        if "crash" in faults and step == 1:
-            os.abort()
         if step == timed_from:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -104,10 +91,6 @@ def body(run_dir: str, status: R.Status) -> None:
                   timed_steps=timed, train_s=round(elapsed, 4), tokens=tokens,
                   steps_per_s=round(timed / elapsed, 3), tokens_per_s=round(timed_tokens / elapsed, 1),
                   amp=str(amp).replace("torch.", "") if amp else "float32")
-    if "diverge" in faults:
-        with torch.no_grad():
-            next(iter(adapters.values())).add_(DIVERGE_BY)
-
     status.stage("compare_adapters")
     whole, per_tensor, checksum, values = R.digest(adapters)
     gathered: list = [None] * world

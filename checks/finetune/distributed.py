@@ -38,12 +38,12 @@ import re
 import sys
 from dataclasses import dataclass
 
-from checks.finetune.launch import Launch, last_line, run_torchrun
+from checks.finetune.launch import Launch, run_torchrun
 from checks.finetune.model import ModelSpec
+from checks.proc import signal_name
 from checks.result import Status, Value, Verdict
 
 NPROC_ENV = "PEFTNODE_FINETUNE_NPROC"
-FAULTS_ENV = "PEFTNODE_FINETUNE_RANK_FAULTS"  # test hook: "1:diverge,0:hang" (rank:fault)
 DDP_MODULE, ZERO_MODULE = "checks.finetune.ddp", "checks.finetune.zero"
 DEFAULT_STEPS = 10
 DEFAULT_TIMEOUT_S = 600.0  # the whole torchrun run: start-up, model load, steps, comparison
@@ -95,16 +95,6 @@ def requested_nproc(options: dict, minimum: int = 1) -> int | None:
     if options.get("nproc") not in (None, ""):
         return parse_nproc(options["nproc"], minimum, "nproc")
     return parse_nproc(os.environ.get(NPROC_ENV), minimum, NPROC_ENV)
-
-
-def parse_rank_faults(text: str | None) -> dict[str, list[str]]:
-    """``"1:diverge,0:hang"`` -> ``{"1": ["diverge"], "0": ["hang"]}``."""
-    out: dict[str, list[str]] = {}
-    for item in (text or "").split(","):
-        rank, _, fault = item.strip().partition(":")
-        if rank.strip().isdigit() and fault.strip():
-            out.setdefault(str(int(rank)), []).append(fault.strip())
-    return out
 
 
 def cuda_status() -> tuple[bool, int, str | None]:
@@ -176,21 +166,20 @@ def plan_zero(gpus: int, nproc: int | None, cuda=cuda_status, installed=deepspee
 # --- running ----------------------------------------------------------------------------------------
 
 
-def rank_config(model: ModelSpec, steps: int, plan: Plan, timeout_s: float, faults=None, lr=None) -> dict:
-    return {"model": model.to_dict(), "steps": steps, "backend": plan.backend, "timeout_s": timeout_s,
-            "lr": lr, "faults": faults if faults is not None else parse_rank_faults(os.environ.get(FAULTS_ENV))}
+def rank_config(model: ModelSpec, steps: int, plan: Plan, timeout_s: float, lr: float | None = None) -> dict:
+    return {"model": model.to_dict(), "steps": steps, "backend": plan.backend, "timeout_s": timeout_s, "lr": lr}
 
 
 def run_ddp(model: ModelSpec, plan: Plan, *, steps: int = DEFAULT_STEPS, timeout_s: float = DEFAULT_TIMEOUT_S,
-            faults: dict | None = None, lr: float | None = None) -> Launch:
-    return run_torchrun(DDP_MODULE, plan.nproc, rank_config(model, steps, plan, timeout_s, faults, lr),
+            lr: float | None = None) -> Launch:
+    return run_torchrun(DDP_MODULE, plan.nproc, rank_config(model, steps, plan, timeout_s, lr),
                         timeout_s=timeout_s, allow_download=model.allow_download)
 
 
 def run_zero(model: ModelSpec, plan: Plan, *, steps: int = DEFAULT_STEPS, timeout_s: float = DEFAULT_TIMEOUT_S,
-             faults: dict | None = None, lr: float | None = None) -> Launch:
+             lr: float | None = None) -> Launch:
     env = {"DS_ACCELERATOR": "cpu"} if plan.device == "cpu" else {}
-    return run_torchrun(ZERO_MODULE, plan.nproc, rank_config(model, steps, plan, timeout_s, faults, lr),
+    return run_torchrun(ZERO_MODULE, plan.nproc, rank_config(model, steps, plan, timeout_s, lr),
                         timeout_s=timeout_s, env=env, allow_download=model.allow_download)
 
 
@@ -206,14 +195,7 @@ def rank_exit_codes(log: str) -> dict[int, int]:
 
 
 def _how_exited(code: int) -> str:
-    if code < 0:
-        import signal
-
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    return f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
 
 
 def _stages(launch: Launch) -> str:
@@ -225,12 +207,13 @@ def _stages(launch: Launch) -> str:
 
 
 def _timeout_verdict(launch: Launch, what: str, remediation: str) -> Verdict:
-    left = f"; {len(launch.leftover)} process(es) could not be killed: {launch.leftover}" if launch.leftover else ""
+    leftover = launch.exit.leftover
+    left = f"; {len(leftover)} process(es) could not be killed: {leftover}" if leftover else ""
     message = (f"timeout: {what} did not finish within {launch.timeout_s:g} s; torchrun and its {launch.nproc} "
                f"rank(s) were killed ({_stages(launch)}){left}")
     return Verdict(Status.FAIL, message,
-                   {"wall_s": Value(launch.wall_s, "s"), "killed_processes": launch.killed,
-                    "leftover_processes": len(launch.leftover)},
+                   {"wall_s": Value(launch.wall_s, "s"), "killed_processes": launch.exit.killed,
+                    "leftover_processes": len(leftover)},
                    {"timeout": Value(launch.timeout_s, "s")}, remediation)
 
 
@@ -248,10 +231,10 @@ def _finished(launch: Launch) -> tuple[bool, str]:
         how = f" ({_how_exited(codes[rank])})" if rank in codes else ""
         error = got.get("error")
         problems.append(f"rank {rank} stopped at {got.get('stage', '?')}{how}" + (f": {error}" if error else ""))
-    if launch.returncode not in (0, None) and not problems:
-        problems.append(f"torchrun exited with code {launch.returncode}")
+    if not launch.exit.ok and not problems:
+        problems.append(f"torchrun {launch.exit.describe(launch.timeout_s)}")
     if problems:
-        tail = last_line(launch.log_tail)
+        tail = launch.exit.last_line()
         if tail and not any(r.get("error") for r in launch.ranks.values()):
             problems.append(f"torchrun's last output: {tail[:300]}")
         return False, "; ".join(problems)

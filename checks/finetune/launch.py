@@ -4,11 +4,11 @@
 ``main`` once per rank. Every rank writes ``rank<N>.json`` in RUN_DIR at each stage it reaches (see
 :class:`checks.finetune.ranks.Status`), so a run that is killed still says where each rank was.
 
-torchrun puts every rank in a session of its own, so killing torchrun's process group does not reach
-them. At the deadline the launcher kills torchrun's group, then the process group of every process
-below it, then any process still running from this run's directory; every rank also asks the kernel
-for SIGKILL when its parent (torchrun) dies, and torchrun when the launcher dies, so nothing outlives
-a killed check. Nothing here imports torch.
+torchrun starts and ends through :mod:`checks.proc`: at the deadline (or on any exception here,
+Ctrl-C included) the whole tree is killed, the ranks too, although torchrun puts each in a session of
+its own (they carry the tree's token). Every rank also asks the kernel for SIGKILL when its parent
+(torchrun) dies, and torchrun when the launcher dies, so nothing outlives a launcher that was itself
+killed. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -16,16 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KILL_WAIT_S = 5.0
-LOG_TAIL_BYTES = 16384
+from checks import proc
+
+LOG_TAIL_BYTES = 16384  # torchrun's failure summary comes after every failed rank's traceback
 
 # Runs torchrun after asking the kernel to kill it when the launcher dies (the request survives exec).
 _SHIM = ("import ctypes, os, sys\n"
@@ -38,66 +35,61 @@ _SHIM = ("import ctypes, os, sys\n"
 
 @dataclass
 class Launch:
-    """What came back from one torchrun run."""
+    """What came back from one torchrun run: how torchrun ended and each rank's last status."""
 
     module: str
     nproc: int
-    command: list[str]
-    returncode: int | None = None  # torchrun's; None when it was killed at the deadline
-    timed_out: bool = False
+    exit: proc.Exit  # torchrun's; its tail is the end of torchrun's log (LOG_TAIL_BYTES)
     timeout_s: float = 0.0
-    wall_s: float = 0.0
     ranks: dict[int, dict] = field(default_factory=dict)  # rank -> its last status (missing: never wrote one)
-    log_tail: str = ""
-    killed: int = 0  # processes the launcher had to kill
-    leftover: list[int] = field(default_factory=list)  # pids still alive after the kill (should be none)
+
+    @property
+    def timed_out(self) -> bool:
+        return self.exit.timed_out
+
+    @property
+    def wall_s(self) -> float:
+        return self.exit.elapsed_s
+
+    @property
+    def log_tail(self) -> str:
+        return self.exit.tail
 
     def missing(self) -> list[int]:
         return [r for r in range(self.nproc) if r not in self.ranks]
 
 
 def torchrun_command(module: str, nproc: int, run_dir: str) -> list[str]:
-    return [sys.executable, "-c", _SHIM, "--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0",
-            f"--log_dir={os.path.join(run_dir, 'torchelastic')}", "-m", module, run_dir]
+    return proc.python_argv("-c", _SHIM, "--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0",
+                            f"--log_dir={os.path.join(run_dir, 'torchelastic')}", "-m", module, run_dir)
 
 
 def rank_env(extra: dict[str, str] | None = None, allow_download: bool = False) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path)),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default for several ranks, without its warning
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a hung NCCL collective raises at its timeout
-    if not allow_download:
-        env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return env | (extra or {})
+    """:func:`checks.proc.child_env` plus what ranks want unless the operator set it: one OpenMP thread
+    per rank (torchrun's own default for several ranks, without its warning), and NCCL collectives
+    that raise at their timeout instead of hanging."""
+    defaults = {"OMP_NUM_THREADS": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    mine = {k: os.environ.get(k, v) for k, v in defaults.items()}
+    return proc.child_env(mine | (extra or {}), allow_download=allow_download)
 
 
 def run_torchrun(module: str, nproc: int, config: dict, *, timeout_s: float, env: dict[str, str] | None = None,
                  allow_download: bool = False) -> Launch:
     """Run ``module`` on ``nproc`` ranks with ``config`` (JSON, read by every rank from RUN_DIR/config.json)."""
     run_dir = tempfile.mkdtemp(prefix="peftnode-torchrun-")
-    command = torchrun_command(module, nproc, run_dir)
-    launch = Launch(module, nproc, command, timeout_s=timeout_s)
-    Path(run_dir, "config.json").write_text(json.dumps(config))
-    log_path = Path(run_dir, "torchrun.log")
-    started = time.monotonic()
     try:
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=rank_env(env, allow_download), start_new_session=True)
+        Path(run_dir, "config.json").write_text(json.dumps(config))
+        torchrun = proc.Process(torchrun_command(module, nproc, run_dir), env=rank_env(env, allow_download),
+                                log_path=Path(run_dir, "torchrun.log"))
         try:
-            try:
-                launch.returncode = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                launch.timed_out = True
+            code = torchrun.wait(timeout_s)
+            ended = torchrun.finish(timed_out=code is None)
         finally:  # also on KeyboardInterrupt: never leave ranks behind
-            launch.killed, launch.leftover = kill_tree(proc, run_dir)
-        launch.wall_s = round(time.monotonic() - started, 3)
-        launch.ranks = read_ranks(run_dir, nproc)
-        launch.log_tail = _tail(log_path)
+            torchrun.close()
+        ended.tail = torchrun.tail(LOG_TAIL_BYTES)
+        return Launch(module, nproc, ended, timeout_s=timeout_s, ranks=read_ranks(run_dir, nproc))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return launch
 
 
 def read_ranks(run_dir: str, nproc: int) -> dict[int, dict]:
@@ -108,113 +100,3 @@ def read_ranks(run_dir: str, nproc: int) -> dict[int, dict]:
         except (OSError, ValueError):
             pass
     return out
-
-
-def _tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            return fh.read().decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def last_line(text: str) -> str:
-    """The last meaningful line of torchrun's output (its banner of asterisks and blanks left out)."""
-    rows = [r.strip() for r in text.splitlines() if r.strip() and not set(r.strip()) <= set("*=-")]
-    return rows[-1] if rows else ""
-
-
-# --- processes ----------------------------------------------------------------------------------------
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read from /proc; empty where there is no /proc)."""
-    try:
-        tree = _children_map()
-    except OSError:
-        return []
-    out, todo = [], list(tree.get(pid, []))
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo.extend(tree.get(child, []))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running (not a zombie waiting to be reaped)."""
-    try:
-        stat = Path("/proc", str(pid), "stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[-1].split()[:1]
-    return state != ["Z"] and state != ["X"]
-
-
-def processes_using(token: str) -> list[int]:
-    """Live processes whose command line mentions ``token`` (this run's directory)."""
-    found = []
-    needle = token.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-        except OSError:
-            continue
-        if needle in cmdline and _alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
-def _signal(pid: int, group: bool) -> bool:
-    try:
-        if group and os.getpgid(pid) != os.getpgrp():  # never our own group
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
-def kill_tree(proc: subprocess.Popen, token: str) -> tuple[int, list[int]]:
-    """Kill torchrun (``proc``, leader of its own group) and every rank below it, each rank's group too.
-    Returns (processes signalled, pids still running afterwards)."""
-    if proc.poll() is not None and not processes_using(token):
-        return 0, []
-    below = descendants(proc.pid)
-    signalled: set[int] = set()
-    for pid in ([proc.pid] if proc.poll() is None else []) + below:
-        if _signal(pid, group=True):
-            signalled.add(pid)
-    try:
-        proc.wait(timeout=KILL_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + KILL_WAIT_S
-    while True:  # ranks are reparented once torchrun is gone: find them by this run's directory too
-        rest = sorted(set(processes_using(token)) | {p for p in below if _alive(p)})
-        if not rest or time.monotonic() > deadline:
-            break
-        for pid in rest:
-            if _signal(pid, group=False):
-                signalled.add(pid)
-        time.sleep(0.1)
-    return len(signalled), rest

@@ -1,9 +1,16 @@
-"""Spread methods over worker processes: one per GPU (one on a CPU-only node), fed one method at a time.
+"""Spread methods over worker processes, fed one method at a time; each method comes back as a Verdict.
+
+Where the workers run: one per GPU on a GPU node. On a node without GPUs, two single-threaded
+workers for the tiny model (its methods are too small for more than one CPU thread to pay off, and
+the second worker halves the run while its own import overlaps the first's), one worker with every
+CPU for a real model (each holds the base model and a copy per method: gigabytes at bloomz-560m).
+``max_workers`` (``--workers``) changes the count; the CPUs are shared out between them.
 
 Each worker pays the heavy imports and the model load once. A method that hangs past its timeout
-gets its worker killed and is reported ``fail`` (``timeout``); a method whose worker dies is reported
-``error`` (``crash``) with the worker's last log line. Either way the slot starts a fresh worker for
-the next method, so one bad method never takes the others down. Nothing here imports torch.
+gets its worker's process tree killed and is reported ``fail`` (``timeout``); a method whose worker
+dies is reported ``error`` (``crash``) with the signal and the worker's last log line. Either way the
+slot starts a fresh worker for the next method, so one bad method never takes the others down.
+Workers are started and ended through :mod:`checks.proc`. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -13,22 +20,22 @@ import os
 import queue
 import select
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from checks import proc
+from checks.finetune import verdict as V
 from checks.finetune.model import ModelSpec
+from checks.result import Status, Verdict
 
-FAULTS_ENV = "PEFTNODE_FINETUNE_FAULTS"  # test hook: "lora:hang,ia3:crash,prompt_tuning:corrupt_adapter"
 DEFAULT_STEPS = 30
 DEFAULT_TIMEOUT_S = 600.0  # per method; a bloomz-560m method takes seconds on a GPU, minutes on a CPU
 MAX_START_FAILURES = 2  # consecutive worker start failures on one slot before its queue is given up
-EXIT_WAIT_S = 10.0
+EXIT_WAIT_S = 10.0  # a worker that closed its channel: how long it may take to finish dying
+CPU_WORKERS_TINY = 2
 
 
 class WorkerDied(Exception):
@@ -43,18 +50,9 @@ class LoadFailed(Exception):
     """The worker started but could not build or load the model (deterministic: no retry)."""
 
 
-def parse_faults(text: str | None) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for item in (text or "").split(","):
-        method, _, fault = item.strip().partition(":")
-        if method and fault:
-            out.setdefault(method.strip(), set()).add(fault.strip())
-    return out
-
-
 def gpu_slots() -> list[str | None]:
     """One entry per GPU this process may use (CUDA_VISIBLE_DEVICES, else the driver's GPU list), or
-    ``[None]`` for a single CPU worker. Reads no CUDA library: cheap and safe in the parent."""
+    ``[None]`` when there is none. Reads no CUDA library: cheap and safe in the parent."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         ids = [t.strip() for t in visible.split(",") if t.strip()]
@@ -66,46 +64,61 @@ def gpu_slots() -> list[str | None]:
     return [str(i) for i in range(count)] or [None]
 
 
-def _signal_name(num: int) -> str:
+def usable_cpus() -> int:
     try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one worker runs: a GPU id, or None for the CPU with ``threads`` torch threads (None: torch's
+    own default)."""
+
+    gpu: str | None
+    threads: int | None = None
+
+
+def worker_slots(methods: int, model: ModelSpec, max_workers: int | None = None) -> list[Slot]:
+    gpus = gpu_slots()
+    if gpus != [None]:
+        slots = [Slot(g) for g in gpus]
+        return slots[:max(1, min(max_workers or len(slots), methods))]
+    cpus = usable_cpus()
+    count = max_workers or (min(CPU_WORKERS_TINY, cpus) if model.kind == "tiny" else 1)
+    count = max(1, min(count, methods))
+    return [Slot(None, max(1, cpus // count))] * count
 
 
 class WorkerProcess:
     """One ``python -m checks.finetune.worker`` and its JSON-lines channel."""
 
-    def __init__(self, gpu: str | None, allow_download: bool = False):
-        self.gpu = gpu
+    def __init__(self, slot: Slot, allow_download: bool = False):
+        self.slot = slot
         self.workdir = tempfile.mkdtemp(prefix="peftnode-finetune-")
-        self.log_path = os.path.join(self.workdir, "worker.log")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, sys.path)),
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-        # OpenMP threads that spin while waiting slow training ~10x when other processes share the CPUs.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if not allow_download:  # never reach the hub at run time unless asked to
-            env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "checks.finetune.worker", self.workdir],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env)
+        extra = {}
+        if slot.gpu is not None:
+            extra["CUDA_VISIBLE_DEVICES"] = slot.gpu
+        if slot.threads and "OMP_NUM_THREADS" not in os.environ:  # an operator's setting wins
+            extra["OMP_NUM_THREADS"] = str(slot.threads)
+        self.process = proc.Process(proc.python_argv("-m", "checks.finetune.worker", self.workdir),
+                                    env=proc.child_env(extra, allow_download=allow_download),
+                                    log_path=os.path.join(self.workdir, "worker.log"), stdin="pipe", stdout="pipe")
         self._buf = b""
         self.hello: dict = {}
         self.loaded: dict = {}
 
     def send(self, message: dict) -> None:
         try:
-            self.proc.stdin.write((json.dumps(message) + "\n").encode())
-            self.proc.stdin.flush()
+            self.process.stdin.write((json.dumps(message) + "\n").encode())
+            self.process.stdin.flush()
         except (BrokenPipeError, OSError):
-            self.proc.wait()
             raise WorkerDied(self.death()) from None
 
     def receive(self, timeout_s: float) -> dict:
         deadline = time.monotonic() + timeout_s
-        fd = self.proc.stdout.fileno()
+        fd = self.process.stdout.fileno()
         while b"\n" not in self._buf:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -115,94 +128,64 @@ class WorkerProcess:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                self.proc.wait()
                 raise WorkerDied(self.death())
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return json.loads(line)
 
-    def log_tail(self, lines: int = 1) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(max(0, os.path.getsize(self.log_path) - 8192))
-                text = fh.read().decode(errors="replace")
-        except OSError:
-            return ""
-        rows = [r.strip() for r in text.splitlines() if r.strip()]
-        return " | ".join(rows[-lines:])
-
     def death(self) -> str:
-        code = self.proc.returncode
-        how = f"killed by {_signal_name(-code)}" if code is not None and code < 0 else f"exited with code {code}"
-        tail = self.log_tail()
-        return how + (f"; last output: {tail}" if tail else "")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._cleanup()
+        """How the worker ended (it closed its channel): the signal or exit code, and its last output."""
+        self.process.wait(EXIT_WAIT_S)
+        ex = self.process.finish()
+        how = ex.describe() if (ex.code is not None or ex.signal) else "closed its channel and was killed"
+        last = ex.last_line()
+        return how + (f"; last output: {last}" if last else "")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send({"op": "exit"})
-                self.proc.wait(timeout=EXIT_WAIT_S)
-            except (WorkerDied, subprocess.TimeoutExpired):
-                pass
-        self.kill()
-
-    def _cleanup(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        self._log.close()
+        """End the worker's process tree and remove its scratch space. No polite exit first: a worker holds
+        nothing its parent still needs, and a torch interpreter's own teardown takes seconds."""
+        self.process.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @dataclass
 class PoolRun:
-    results: list[dict]  # one per requested method, in the requested order
+    verdicts: list[Verdict]  # one per requested method, in the requested order (subject: the method)
+    details: dict[str, dict] = field(default_factory=dict)  # method -> the assertions and figures behind it
     workers: list[dict] = field(default_factory=list)  # hello + loaded facts of every worker started
     restarts: int = 0
     wall_s: float = 0.0
 
 
-def _failure(name: str, status: str, assertion: str, message: str, elapsed: float) -> dict:
-    return {"method": name, "status": status, "message": message, "failed": [assertion],
-            "assertions": {assertion: {"ok": False, "detail": message}}, "metrics": {"wall_s": round(elapsed, 3)}}
-
-
 def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEPS,
                 timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float | None = None, lr: float | None = None,
-                faults: dict[str, set[str]] | None = None, max_workers: int | None = None,
-                progress: Callable[[dict], None] | None = None) -> PoolRun:
-    """Run every method in ``names`` on ``model`` and return their results (see run.run_method)."""
+                max_workers: int | None = None, progress: Callable[[Verdict], None] | None = None) -> PoolRun:
+    """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method)."""
     started = time.monotonic()
-    faults = faults if faults is not None else parse_faults(os.environ.get(FAULTS_ENV))
     start_timeout_s = start_timeout_s or max(timeout_s, 300.0)
-    slots = gpu_slots()
-    if max_workers:
-        slots = slots[:max(1, max_workers)]
-    slots = slots[:max(1, len(names))]
+    hint = V.rerun_hint(model.name)
+    slots = worker_slots(len(names), model, max_workers)
     todo: queue.Queue[str] = queue.Queue()
     for name in names:
         todo.put(name)
-    results: dict[str, dict] = {}
-    run = PoolRun(results=[])
+    verdicts: dict[str, Verdict] = {}
+    run = PoolRun(verdicts=[])
     lock = threading.Lock()
     live: set[WorkerProcess] = set()
 
-    def record(result: dict) -> None:
+    def record(verdict: Verdict, details: dict) -> None:
         with lock:
-            results[result["method"]] = result
+            verdicts[verdict.subject] = verdict
+            run.details[verdict.subject] = details
         if progress:
-            progress(result)
+            progress(verdict)
 
-    def start(gpu: str | None) -> WorkerProcess:
-        worker = WorkerProcess(gpu, model.allow_download)
+    def fail(name: str, status: Status, assertion: str, message: str, elapsed: float) -> None:
+        outcome = V.failure(name, status, assertion, message, elapsed)
+        record(outcome.verdict(hint), outcome.details())
+
+    def start(slot: Slot) -> WorkerProcess:
+        worker = WorkerProcess(slot, model.allow_download)
         with lock:
             live.add(worker)
         try:
@@ -213,14 +196,14 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
                 raise LoadFailed(reply.get("message", "unknown error"))
             worker.loaded = _expect(reply, "loaded")
         except BaseException:
-            stop(worker, kill=True)
+            stop(worker)
             raise
         with lock:
-            run.workers.append({"gpu": gpu, **worker.hello, **worker.loaded})
+            run.workers.append({"gpu": slot.gpu, **worker.hello, **worker.loaded})
         return worker
 
-    def stop(worker: WorkerProcess, kill: bool = False) -> None:
-        (worker.kill if kill else worker.close)()
+    def stop(worker: WorkerProcess) -> None:
+        worker.close()
         with lock:
             live.discard(worker)
 
@@ -232,14 +215,14 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
             except queue.Empty:
                 break
         for name in pending:
-            record(_failure(name, "error", "worker_start", message, 0.0))
+            fail(name, Status.ERROR, "worker_start", message, 0.0)
 
-    def slot_loop(index: int, gpu: str | None) -> None:
+    def slot_loop(index: int, slot: Slot) -> None:
         worker: WorkerProcess | None = None
         start_failures = 0
         try:
             while True:
-                if worker is not None and gpu is not None and not worker.hello.get("cuda") and index > 0:
+                if worker is not None and slot.gpu is not None and not worker.hello.get("cuda") and index > 0:
                     return  # torch sees no GPU although the driver lists some: leave the rest to slot 0
                 try:
                     name = todo.get_nowait()
@@ -248,7 +231,7 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
                 t0 = time.monotonic()
                 if worker is None:
                     try:
-                        worker = start(gpu)
+                        worker = start(slot)
                         start_failures = 0
                     except LoadFailed as exc:
                         drain(name, f"the model could not be loaded: {exc}")
@@ -259,47 +242,39 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
                         if start_failures >= MAX_START_FAILURES:
                             drain(name, message)
                             return
-                        record(_failure(name, "error", "worker_start", message, time.monotonic() - t0))
+                        fail(name, Status.ERROR, "worker_start", message, time.monotonic() - t0)
                         continue
                 t0 = time.monotonic()
-                request = {"op": "run", "method": name, "steps": steps, "lr": lr,
-                           "faults": sorted(faults.get(name, ()))}
                 try:
-                    worker.send(request)
+                    worker.send({"op": "run", "method": name, "steps": steps, "lr": lr})
                     reply = worker.receive(timeout_s)
                 except WorkerTimeout:
-                    stop(worker, kill=True)
+                    stop(worker)
                     worker = None
                     with lock:
                         run.restarts += 1
-                    record(_failure(name, "fail", "timeout",
-                                    f"timed out after {timeout_s:g} s; its worker was killed and a fresh one runs "
-                                    f"the next method", time.monotonic() - t0))
+                    fail(name, Status.FAIL, "timeout", f"timed out after {timeout_s:g} s; its worker was killed and "
+                                                       f"a fresh one runs the next method", time.monotonic() - t0)
                     continue
                 except WorkerDied as exc:
-                    stop(worker, kill=True)
+                    stop(worker)
                     worker = None
                     with lock:
                         run.restarts += 1
-                    record(_failure(name, "error", "crash",
-                                    f"the worker crashed while running it ({exc}); a fresh one runs the next method",
-                                    time.monotonic() - t0))
+                    fail(name, Status.ERROR, "crash", f"its worker died while running it ({exc}); a fresh one runs "
+                                                      f"the next method", time.monotonic() - t0)
                     continue
-                elapsed = time.monotonic() - t0
                 if reply.get("event") == "result":
-                    result = reply["result"]
-                    result.setdefault("metrics", {})["elapsed_s"] = round(elapsed, 3)
-                    result["gpu"] = gpu
-                    record(result)
+                    record(V.from_dict(reply["verdict"]), reply.get("details") or {})
                 else:
-                    record(_failure(name, "error", "worker_error",
-                                    f"the worker could not run it: {reply.get('message', reply)}", elapsed))
+                    fail(name, Status.ERROR, "worker_error", f"the worker could not run it: "
+                                                             f"{reply.get('message', reply)}", time.monotonic() - t0)
         finally:
             if worker is not None:
                 stop(worker)
 
-    threads = [threading.Thread(target=slot_loop, args=(i, gpu), name=f"finetune-slot-{i}", daemon=True)
-               for i, gpu in enumerate(slots)]
+    threads = [threading.Thread(target=slot_loop, args=(i, slot), name=f"finetune-slot-{i}", daemon=True)
+               for i, slot in enumerate(slots)]
     try:
         for t in threads:
             t.start()
@@ -310,11 +285,11 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
         with lock:
             leftover = list(live)
         for worker in leftover:
-            worker.kill()
+            worker.close()
     for name in names:  # anything a thread could not record (should not happen) is an error, not a gap
-        if name not in results:
-            results[name] = _failure(name, "error", "not_run", "no worker ran this method", 0.0)
-    run.results = [results[n] for n in names]
+        if name not in verdicts:
+            fail(name, Status.ERROR, "not_run", "no worker ran this method", 0.0)
+    run.verdicts = [verdicts[n] for n in names]
     run.wall_s = round(time.monotonic() - started, 3)
     return run
 

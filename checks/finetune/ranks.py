@@ -9,7 +9,6 @@ where a rank was when it hung or died. ``config``:
 ``lr``           learning rate (the LoRA seed's when absent)
 ``backend``      nccl or gloo
 ``timeout_s``    collective timeout (the launcher's deadline)
-``faults``       test hooks, ``{"<rank>": ["hang", ...]}`` (see the rank modules)
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import math
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 SEED = 0
@@ -68,15 +66,6 @@ def identity() -> tuple[int, int, int]:
 
 def read_config(run_dir: str) -> dict:
     return json.loads(Path(run_dir, "config.json").read_text())
-
-
-def faults_for(config: dict, rank: int) -> set[str]:
-    return set((config.get("faults") or {}).get(str(rank), ()))
-
-
-def hang_forever() -> None:
-    while True:
-        time.sleep(3600)
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:

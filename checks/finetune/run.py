@@ -1,6 +1,7 @@
 """Fine-tune one PEFT method briefly and check what PEFT promises about it.
 
-:func:`run_method` returns a plain result dict (JSON-safe) with one named assertion per promise:
+:func:`run_method` returns a :class:`~checks.finetune.verdict.MethodRun` (its status a
+:class:`~checks.result.Status`) with one named assertion per promise:
 
 ``trainable_params``        the adapter has trainable parameters
 ``adapter_only_grads``      only adapter parameters are trainable and receive gradients; the base is frozen
@@ -17,7 +18,7 @@
 
 An assertion is ``ok`` True, False, or None when it does not apply (with the reason in ``detail``).
 An exception is charged to the assertion whose stage raised it (``apply`` and ``config`` name the two
-stages before any assertion); the ones it prevented are listed under ``not_run``. The result's
+stages before any assertion); the ones it prevented are listed under ``not_run``. The run's
 ``failed`` names every assertion that failed, and its ``message`` gives each one's detail.
 Comparisons run in float32 in eval mode; training uses bf16 autocast on GPUs that support it, else
 fp16 autocast with a GradScaler.
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 from checks.finetune import data as D
 from checks.finetune.methods import Plan
+from checks.finetune.verdict import MethodRun
+from checks.result import Status
 
 TOLERANCE = 1e-4  # reload / disabled-adapter comparisons (atol = rtol), as PEFT's own tests use
 BATCH_SIZE = 8  # the seed's
@@ -205,22 +208,21 @@ def is_adapter_param(name: str, adapter: str = "default") -> bool:
     return adapter in name.split(".")
 
 
-def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, faults: frozenset[str] = frozenset(),
-               ) -> dict:
+def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None) -> MethodRun:
     """Train ``plan``'s method for ``steps`` steps and check it. Never raises for a method's own failure."""
     started = time.perf_counter()
-    result = {"method": plan.name, "peft_type": plan.peft_type, "seed": plan.seed, "steps": steps,
-              "device": env.info.get("device"), "notes": list(plan.notes)}
+    info = {"peft_type": plan.peft_type, "seed": plan.seed, "steps": steps, "device": env.info.get("device"),
+            "notes": list(plan.notes)}
     if plan.skip:
-        return result | {"status": "skip", "message": plan.skip, "assertions": {}, "metrics": {}}
+        return MethodRun(plan.name, Status.SKIP, plan.skip, info=info)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     rec = _Record()
-    lr = 0.0 if "zero_lr" in faults else plan.lr if lr is None else lr
+    lr = plan.lr if lr is None else lr
     try:
-        _run(plan, env, steps, lr, faults, rec, result)
+        _run(plan, env, steps, lr, rec)
     except _Skip as skip:
-        return result | {"status": "skip", "message": str(skip), "assertions": {}, "metrics": rec.metrics}
+        return MethodRun(plan.name, Status.SKIP, str(skip), metrics=rec.metrics, info=info)
     except Exception as exc:  # outside the guarded checks: charge it to the stage that was running
         rec.crashed(rec.stage, exc)
         rec.not_run(_applicable(plan), f"the method stopped at {rec.stage}")
@@ -228,30 +230,30 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, faults
     rec.metrics["peak_memory_bytes"], rec.metrics["peak_memory_kind"] = peak_memory(env.device)
     not_run = [n for n, a in rec.assertions.items() if a["ok"] is False and a["detail"].startswith(NOT_RUN)]
     failed = [n for n, a in rec.assertions.items() if a["ok"] is False and n not in not_run]
-    result |= {"assertions": rec.assertions, "metrics": rec.metrics, "failed": failed, "not_run": not_run}
+    run = MethodRun(plan.name, Status.PASS, "", rec.assertions, rec.metrics, failed, not_run, info)
     if failed or not_run:
         parts = [f"{n}: {rec.assertions[n]['detail']}" for n in failed]
         if not_run:
             parts.append(f"not run: {', '.join(not_run)}")
-        result |= {"status": "fail", "message": "; ".join(parts)}
+        run.status, run.message = Status.FAIL, "; ".join(parts)
     else:
-        result |= {"status": "pass", "message": summary(result)}
-    return result
+        run.message = summary(run)
+    return run
 
 
-def config_failure(name: str, exc: BaseException) -> dict:
-    """The result of a method whose PEFT config could not be built (a seed method on an unsuitable PEFT)."""
+def config_failure(name: str, exc: BaseException) -> MethodRun:
+    """A method whose PEFT config could not be built (a seed method on an unsuitable PEFT)."""
     detail = f"{type(exc).__name__}: {_one_line(exc)}"
-    return {"method": name, "status": "fail", "message": f"config: {detail}", "failed": ["config"], "not_run": [],
-            "assertions": {"config": {"ok": False, "detail": detail}}, "metrics": {}}
+    return MethodRun(name, Status.FAIL, f"config: {detail}", {"config": {"ok": False, "detail": detail}},
+                     failed=["config"])
 
 
-def summary(result: dict) -> str:
-    m = result["metrics"]
-    na = [n for n, a in result["assertions"].items() if a["ok"] is None]
-    text = (f"{result['steps']} steps, held-out loss {m.get('loss_before', math.nan):.3f} -> "
+def summary(run: MethodRun) -> str:
+    m = run.metrics
+    na = [n for n, a in run.assertions.items() if a["ok"] is None]
+    text = (f"{run.info.get('steps')} steps, held-out loss {m.get('loss_before', math.nan):.3f} -> "
             f"{m.get('loss_after', math.nan):.3f}; "
-            f"{sum(1 for a in result['assertions'].values() if a['ok'])} assertions passed")
+            f"{sum(1 for a in run.assertions.values() if a['ok'])} assertions passed")
     return text + (f" ({', '.join(na)}: n/a)" if na else "")
 
 
@@ -259,7 +261,7 @@ class _Skip(Exception):
     pass
 
 
-def _run(plan: Plan, env: Env, steps: int, lr: float, faults, rec: _Record, result: dict) -> None:
+def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record) -> None:
     from peft import get_peft_model
 
     torch.manual_seed(SEED)
@@ -298,8 +300,6 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, faults, rec: _Record, resu
     adapter_dir = tempfile.mkdtemp(prefix=f"{plan.name}-", dir=env.workdir)
     try:
         if _check_save(model, adapter_dir, env, rec):
-            if "corrupt_adapter" in faults:
-                _corrupt(adapter_dir)
             _check_reload(adapter_dir, adapter_logits, env, rec)
         else:
             rec.not_run(["reload_logits"], "no adapter was saved")
@@ -441,17 +441,6 @@ def _strip(key: str) -> str:
         if key.startswith(prefix):
             return key[len(prefix):]
     return key
-
-
-def _corrupt(adapter_dir: str) -> None:
-    """Test hook: overwrite the saved adapter's tensors with noise, as a damaged file would hold."""
-    from safetensors.torch import load_file, save_file
-
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    tensors = load_file(path)
-    gen = torch.Generator().manual_seed(1)
-    save_file({k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
-               for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def _check_reload(adapter_dir: str, adapter_logits: torch.Tensor, env: Env, rec: _Record) -> None:

@@ -1,4 +1,4 @@
-"""The fine-tune worker: one long-lived process per GPU (one on a CPU-only node).
+"""The fine-tune worker: one long-lived process per GPU (on a CPU-only node, see :mod:`checks.finetune.pool`).
 
 It pays the torch/transformers/peft import once, builds or loads the model once, then runs methods
 one at a time as the parent asks. It speaks JSON lines: requests on stdin, replies on the file
@@ -6,12 +6,9 @@ descriptor it was given as stdout, which it keeps for itself; everything anythin
 to stderr (the parent keeps that in a log and quotes its tail when the worker dies).
 
 Requests: ``{"op": "load", "model": ModelSpec dict}``, ``{"op": "run", "method": NAME, "steps": N,
-"lr": float | null, "faults": [...]}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports),
-``loaded``, ``result``, ``error``.
-
-``faults`` is a test hook: ``hang`` (sleep forever), ``crash`` (abort), ``raise`` (an exception in the
-worker), ``zero_lr`` (train at learning rate 0, so the loss cannot fall) and ``corrupt_adapter`` (damage
-the saved adapter before the reload check).
+"lr": float | null}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports), ``loaded``,
+``result`` (the method's verdict, built here, and the assertions and figures behind it as ``details``;
+see :mod:`checks.finetune.verdict`), ``error``.
 
 Usage: ``python -m checks.finetune.worker WORKDIR`` (scratch space the parent creates and removes).
 """
@@ -51,11 +48,13 @@ def main() -> int:
     from checks.finetune import methods as M
     from checks.finetune import model as model_mod
     from checks.finetune import run as R
+    from checks.finetune import verdict as verdicts
 
     reply("hello", pid=os.getpid(), import_s=round(time.perf_counter() - started, 3),
           versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-          device=str(R.pick_device()[0]), cuda=torch.cuda.is_available())
+          device=str(R.pick_device()[0]), cuda=torch.cuda.is_available(), threads=torch.get_num_threads())
     env = None
+    hint = "invoke finetune"
     workdir = sys.argv[1] if len(sys.argv) > 1 else None
     if not workdir:
         import tempfile
@@ -72,6 +71,7 @@ def main() -> int:
             if op == "load":
                 t0 = time.perf_counter()
                 spec = model_mod.ModelSpec.from_dict(request["model"])
+                hint = verdicts.rerun_hint(spec.name)
                 model, tokenizer, tokenizer_path = model_mod.load(spec, tokenizer_dir=os.path.join(workdir, "tok"))
                 params = model_mod.count_parameters(model)
                 env = R.prepare(model, tokenizer, tokenizer_path, workdir)
@@ -79,31 +79,19 @@ def main() -> int:
             elif op == "run":
                 if env is None:
                     raise RuntimeError("no model loaded")
-                faults = set(request.get("faults") or ())
-                _inject(faults)
                 try:
                     plan = M.plan(request["method"], M.Setting(int(request["steps"]), env.tokenizer_path))
                 except Exception as exc:  # a seed method's config this PEFT cannot build
-                    reply("result", result=R.config_failure(request["method"], exc))
-                    continue
-                result = R.run_method(plan, env, int(request["steps"]), request.get("lr"), frozenset(faults))
-                reply("result", result=result)
+                    run = R.config_failure(request["method"], exc)
+                else:
+                    run = R.run_method(plan, env, int(request["steps"]), request.get("lr"))
+                reply("result", verdict=verdicts.to_dict(run.verdict(hint)), details=run.details())
             else:
                 raise ValueError(f"unknown request {op!r}")
         except Exception as exc:  # reported to the parent; the worker stays usable
             reply("error", op=op, message=f"{type(exc).__name__}: {' '.join(str(exc).split())}",
                   traceback=traceback.format_exc()[-4000:])
     return 0
-
-
-def _inject(faults: set[str]) -> None:
-    if "hang" in faults:
-        while True:
-            time.sleep(3600)
-    if "crash" in faults:
-        os.abort()
-    if "raise" in faults:
-        raise RuntimeError("injected failure (test hook)")
 
 
 if __name__ == "__main__":

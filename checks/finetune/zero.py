@@ -8,8 +8,6 @@ the held-out loss is measured through the engine's module (in the engine's preci
 after. Reported: DeepSpeed's version, the ZeRO stage and optimizer the engine really built, losses,
 steps skipped by the loss scaler, steps/s and tokens/s (first step left out), peak memory.
 
-Test hook (``config["faults"]``): ``zero_lr``.
-
 Usage (torchrun): ``python -m torch.distributed.run --standalone --nproc_per_node 1 -m checks.finetune.zero RUN_DIR``.
 """
 
@@ -42,7 +40,6 @@ def ds_config(dtype: str) -> dict:
 def body(run_dir: str, status: R.Status) -> None:
     config = R.read_config(run_dir)
     rank, world, local_rank = (status.data[k] for k in ("rank", "world_size", "local_rank"))
-    faults = R.faults_for(config, rank)
     status.stage("import")
     from datetime import timedelta
 
@@ -66,7 +63,7 @@ def body(run_dir: str, status: R.Status) -> None:
     model, tokenizer, plan = R.load_lora(config, run_dir, rank)
     train, held_out = R.shard(tokenizer, rank, world, BATCH_SIZE, device)
     adapters = R.adapter_tensors(model)
-    lr = 0.0 if "zero_lr" in faults else float(config.get("lr") or plan.lr)
+    lr = float(config.get("lr") or plan.lr)
     status.update(load_s=round(time.perf_counter() - t0, 3), adapter_params=sum(p.numel() for p in adapters.values()))
 
     status.stage("deepspeed_initialize")
