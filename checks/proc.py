@@ -6,7 +6,8 @@ What each caller used to do by hand lives here once:
 
 - the child's environment (``child_env``): this interpreter's ``sys.path`` as ``PYTHONPATH``,
   unbuffered output, no hub downloads unless asked, and a token naming the tree;
-- its own session, so ``killpg`` reaches what it started;
+- its own session, so ``killpg`` reaches what it started (without psutil, as on a bare node's system
+  Python, that process group is all a kill reaches);
 - a deadline; past it, or on any exception in the parent (Ctrl-C included), the whole tree is killed:
   the processes psutil sees below the child, every process group among them, and any process still
   carrying the tree's token in its environment (ranks re-parented to init once their launcher died);
@@ -29,7 +30,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+try:  # a dependency of peftnode; a bare node's system Python may lack it (see Process.kill_tree)
+    import psutil
+except ImportError:  # pragma: no cover - exercised by the converge test's bare-Python run
+    psutil = None
 
 TOKEN_ENV = "PEFTNODE_PROC_TOKEN"
 TAIL_BYTES = 4000
@@ -113,7 +117,7 @@ class Process:
         environment[TOKEN_ENV] = self.token
         try:
             with open(self.log_path, "ab") as log:
-                self.popen = psutil.Popen(
+                self.popen = subprocess.Popen(
                     self.argv, env=environment, cwd=cwd, start_new_session=True, pass_fds=pass_fds,
                     stdin=subprocess.PIPE if stdin == "pipe" else subprocess.DEVNULL,
                     stdout=subprocess.PIPE if stdout == "pipe" else log, stderr=log,
@@ -140,15 +144,20 @@ class Process:
         """The exit status (negative: the signal), or None if still running at the deadline."""
         try:
             return self.popen.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             return None
 
     # -- ending -----------------------------------------------------------------------------------
 
-    def _tree(self) -> list[psutil.Process]:
+    def _tree(self) -> list:
+        """The processes below the child (psutil.Process each). Without psutil: none, and kill_tree
+        reaches the child's own process group only, which holds every descendant that did not start
+        a session of its own."""
+        if psutil is None:
+            return []
         procs: dict[int, psutil.Process] = {}
         try:
-            for p in self.popen.children(recursive=True):
+            for p in psutil.Process(self.pid).children(recursive=True):
                 procs[p.pid] = p
         except psutil.Error:
             pass
@@ -165,9 +174,9 @@ class Process:
         signalled: set[int] = set()
         own_group = os.getpgrp()
         groups = set()
-        for p in ([self.popen] if self.popen.poll() is None else []) + members:
+        for pid in ([self.pid] if self.popen.poll() is None else []) + [p.pid for p in members]:
             try:
-                groups.add(os.getpgid(p.pid))
+                groups.add(os.getpgid(pid))
             except OSError:
                 pass
         for group in groups - {own_group}:
@@ -175,7 +184,13 @@ class Process:
                 os.killpg(group, signal.SIGKILL)
             except OSError:
                 pass
-        for p in ([self.popen] if self.popen.poll() is None else []) + members:
+        if self.popen.poll() is None:
+            try:
+                self.popen.kill()
+                signalled.add(self.pid)
+            except OSError:
+                pass
+        for p in members:
             try:
                 p.kill()
                 signalled.add(p.pid)
@@ -183,7 +198,7 @@ class Process:
                 pass
         try:
             self.popen.wait(timeout=KILL_WAIT_S)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             pass
         # Grandchildren are not ours to reap: once killed they are zombies until their new parent
         # reaps them, which a container's init may never do. A zombie holds nothing: it counts as gone.
@@ -236,15 +251,17 @@ class Process:
         return ex
 
 
-def _running(p: psutil.Process) -> bool:
+def _running(p) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
 
-def _carrying(token: str) -> list[psutil.Process]:
-    """Live processes whose environment holds this tree's token."""
+def _carrying(token: str) -> list:
+    """Live processes whose environment holds this tree's token (none known without psutil)."""
+    if psutil is None:
+        return []
     found = []
     me = os.getpid()
     for p in psutil.process_iter():

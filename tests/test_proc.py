@@ -1,6 +1,7 @@
 """checks/proc.py with real processes: exit codes, signals, deadlines and whole-tree kills, including
 a grandchild that left the tree's session and was re-parented to init."""
 
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -163,3 +164,25 @@ def test_a_command_that_cannot_start_leaves_no_log(tmp_path):
     with pytest.raises(OSError):
         proc.run([str(tmp_path / "not-there")], timeout_s=5)
     assert set(Path(tempfile.gettempdir()).glob("peftnode-proc-*")) == before
+
+
+def test_without_psutil_the_process_group_is_still_killed(tmp_path):
+    """A bare node's system Python has no psutil (the converge test runs checks.gpu under one): the
+    layer still runs, times out and kills the child's process group."""
+    pidfile = tmp_path / "pid"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["psutil"] = None  # import psutil -> ImportError, as where it is not installed
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from checks import proc
+        import checks.gpu  # the GPU checks import and register without it
+        assert proc.psutil is None
+        code = "import subprocess, time; p = subprocess.Popen(['sleep', '60']); " \\
+               "open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+        ex = proc.run([sys.executable, "-c", code], timeout_s=1.5)
+        print(ex.timed_out, ex.describe(1.5))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True timed out after 1.5 s and was killed"
+    assert _gone(int(pidfile.read_text()))
