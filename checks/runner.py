@@ -111,8 +111,11 @@ class WorkerClient:
 
     def _read_line(self, deadline: float) -> bytes | None:
         """One reply line, or None on EOF; raises TimeoutError at the deadline."""
-        fd = self.process.stdout.fileno()
         while b"\n" not in self._buf:
+            process = self.process
+            if process is None or process.stdout.closed:  # closed by an interrupted run: stop waiting
+                return None
+            fd = process.stdout.fileno()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
@@ -127,6 +130,8 @@ class WorkerClient:
         return line
 
     def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
+        if self.process is None:  # closed under it: the run was interrupted
+            return [_error(spec, "not finished: the run was interrupted", started)]
         if not timed_out:  # its pipe closed: let it finish dying so its exit status is known
             self.process.wait(proc.KILL_WAIT_S)
         ex = self.process.finish(timed_out=timed_out)
