@@ -20,7 +20,9 @@ without a hook in production code.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -129,8 +131,39 @@ class Process:
         self.pid = self.popen.pid
         self.stdin = self.popen.stdin
         self.stdout = self.popen.stdout
+        self._buf = b""
         self._exit: Exit | None = None
         self._killed_by_us = False
+
+    # -- a JSON-lines channel over stdin/stdout (both opened with "pipe"; the child uses reply_channel) --
+
+    def send(self, message: dict) -> None:
+        """One request line; BrokenPipeError/OSError when the child is gone."""
+        self.stdin.write((json.dumps(message) + "\n").encode())
+        self.stdin.flush()
+
+    def receive(self, timeout_s: float) -> dict | None:
+        """The next reply line, or None when the child closed its end (it died, or this side was closed
+        from another thread); TimeoutError if none arrives within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._buf:
+            if self.stdout.closed:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer within {timeout_s:g} s")
+            try:
+                ready, _, _ = select.select([self.stdout.fileno()], [], [], min(remaining, 0.5))
+                chunk = os.read(self.stdout.fileno(), 1 << 16) if ready else None
+            except (ValueError, OSError):  # closed from another thread while waiting
+                return None
+            if chunk is None:
+                continue
+            if not chunk:
+                return None
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
 
     # -- waiting ----------------------------------------------------------------------------------
 
@@ -273,6 +306,15 @@ def _carrying(token: str) -> list:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def reply_channel():
+    """The child's end of the channel: a text stream on the real stdout for its replies, while fd 1 (stray
+    prints from libraries) goes to stderr, the parent's log of it."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return replies
 
 
 def run(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None, cwd: str | None = None,

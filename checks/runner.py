@@ -20,9 +20,6 @@ Every child process goes through :mod:`checks.proc` (deadline, tree kill, exit d
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import select
 import threading
 import time
 import traceback
@@ -99,35 +96,13 @@ class WorkerClient:
     def __init__(self, name: str):
         self.name = name
         self.process: proc.Process | None = None
-        self._buf = b""
         self.lock = threading.Lock()
         self.starts = 0
 
     def _start(self) -> proc.Process:
         self.process = proc.Process(proc.python_argv("-m", "checks.worker"), stdin="pipe", stdout="pipe")
-        self._buf = b""
         self.starts += 1
         return self.process
-
-    def _read_line(self, deadline: float) -> bytes | None:
-        """One reply line, or None on EOF; raises TimeoutError at the deadline."""
-        while b"\n" not in self._buf:
-            process = self.process
-            if process is None or process.stdout.closed:  # closed by an interrupted run: stop waiting
-                return None
-            fd = process.stdout.fileno()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-            if not ready:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line
 
     def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
         if self.process is None:  # closed under it: the run was interrupted
@@ -151,22 +126,21 @@ class WorkerClient:
             if self.process is not None:
                 self.process.close()
             self._start()
-        request = json.dumps({"spec": dataclasses.asdict(spec), "context": ctx.to_dict()}) + "\n"
+        process = self.process
         try:
-            self.process.stdin.write(request.encode())
-            self.process.stdin.flush()
+            process.send({"spec": dataclasses.asdict(spec), "context": ctx.to_dict()})
         except (BrokenPipeError, OSError):
             return self._dead(spec, started, False, timeout_s)
         try:
-            line = self._read_line(started + timeout_s)
+            reply = process.receive(timeout_s)
         except TimeoutError:
             return self._dead(spec, started, True, timeout_s)
         except BaseException:
             self.close()
             raise
-        if line is None:
+        if reply is None:
             return self._dead(spec, started, False, timeout_s)
-        return results_of(spec, json.loads(line), time.monotonic() - started)
+        return results_of(spec, reply, time.monotonic() - started)
 
     def close(self) -> None:
         """End the worker (its tree too). Safe to call from another thread and more than once."""

@@ -17,16 +17,9 @@ import os
 import sys
 import traceback
 
+from checks import proc
 from checks.registry import CheckSpec, Context
 from checks.runner import verdicts_of
-
-
-def _channel():
-    """Keep the real stdout for replies; send fd 1 (stray prints from libraries) to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return proto
 
 
 def serve_one(request: dict) -> dict:
@@ -44,7 +37,7 @@ def serve_one(request: dict) -> dict:
 
 
 def main() -> int:
-    proto = _channel()
+    proto = proc.reply_channel()
     for line in sys.stdin:
         if not line.strip():
             continue

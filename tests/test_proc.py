@@ -12,18 +12,7 @@ import psutil
 import pytest
 
 from checks import proc
-
-
-def _gone(pid: int, within_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+from tests.helpers.procs import gone
 
 
 def py(code: str) -> list[str]:
@@ -74,7 +63,7 @@ def test_deadline_kills_the_whole_tree_even_a_grandchild_that_left_the_session(t
     assert ex.timed_out and ex.describe(2.0) == "timed out after 2 s and was killed"
     assert time.monotonic() - started < 2.0 + 2 * proc.KILL_WAIT_S
     near, far = map(int, pids.read_text().split())
-    assert _gone(near) and _gone(far)
+    assert gone(near) and gone(far)
     assert ex.leftover == []
     # nothing of the tree is left: no live process carries its token
     assert not [q for q in psutil.process_iter() if _carries(q, p.token)]
@@ -109,7 +98,7 @@ def test_re_parented_daemon_is_found_by_its_token(tmp_path):
         assert psutil.Process(daemon).ppid() != p.pid  # not below the child any more
     finally:
         ex = p.close()
-    assert ex.killed >= 2 and _gone(daemon)
+    assert ex.killed >= 2 and gone(daemon)
 
 
 def test_pipes_and_waiting():
@@ -185,4 +174,4 @@ def test_without_psutil_the_process_group_is_still_killed(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True timed out after 1.5 s and was killed"
-    assert _gone(int(pidfile.read_text()))
+    assert gone(int(pidfile.read_text()))

@@ -18,6 +18,7 @@ from checks.result import Status
 from checks.runner import blocked_roots, effective_timeout, run_checks, run_in_process, run_isolated
 from tests.conftest import ROOT
 from tests.helpers import fake_checks
+from tests.helpers.procs import gone
 
 
 def spec(func: str, isolate=True, timeout_s=None, slow=False, name=None, **extra) -> CheckSpec:
@@ -32,18 +33,6 @@ def shared(func: str, name=None, **extra) -> CheckSpec:
 @pytest.fixture
 def bare_ctx():
     return Context(stack={}, node={})
-
-
-def _gone(pid: int, within_s: float = 3.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # --- one check, one worker ------------------------------------------------------------------------
@@ -64,7 +53,7 @@ def test_timeout_kills_the_checks_children_too(tmp_path):
     ctx = Context({}, {}, options={"pidfile": str(pidfile)})
     [result] = run_isolated(spec("spawns_sleeper"), ctx, timeout_s=1.5)
     assert result.status is Status.FAIL
-    assert _gone(int(pidfile.read_text())), "grandchild survived the timeout"
+    assert gone(int(pidfile.read_text())), "grandchild survived the timeout"
 
 
 @pytest.mark.parametrize("func, signame", [("segfaults", "SIGSEGV"), ("aborts", "SIGABRT")])
@@ -143,7 +132,7 @@ def test_shared_worker_serves_every_check_in_one_process(bare_ctx):
     assert all(r.status is Status.PASS for r in results)
     assert len(set(_pids(results))) == 1 and os.getpid() not in _pids(results)
     assert sorted(r.measured["calls"].value for r in results) == [1, 2, 3]  # what it imported, it kept
-    assert _gone(_pids(results)[0]), "the shared worker outlived the run"
+    assert gone(_pids(results)[0]), "the shared worker outlived the run"
 
 
 def test_fresh_workers_give_each_check_its_own_process(bare_ctx):
@@ -282,4 +271,4 @@ def test_ctrl_c_kills_the_shared_worker_and_its_children(tmp_path):
     child.send_signal(signal.SIGINT)
     out, _ = child.communicate(timeout=60)
     assert child.returncode == 130 and "interrupted" in out
-    assert _gone(worker) and _gone(grandchild)
+    assert gone(worker) and gone(grandchild)

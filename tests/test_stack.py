@@ -13,6 +13,7 @@ from checks.stack import (
     resolve_stack,
     validate_stack,
 )
+from tests.helpers.documents import mutate
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +40,6 @@ def test_both_stacks_load_and_differ():
     a, b = load_stack("cu117").data, load_stack("cu124").data
     for key in ("openssl", "python", "nvidia_driver", "cuda", "nccl", "cudnn"):
         assert a[key]["version"] != b[key]["version"], key
-
-
-def mutate(data, path, value):
-    d = copy.deepcopy(data)
-    *parents, last = path.split(".")
-    cur = d
-    for p in parents:
-        cur = cur[int(p)] if isinstance(cur, list) else cur[p]
-    if value is KeyError:
-        del cur[last]
-    elif isinstance(cur, list):
-        cur[int(last)] = value
-    else:
-        cur[last] = value
-    return d
 
 
 @pytest.mark.parametrize(

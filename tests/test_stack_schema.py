@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from checks.stack import REPO_STACKS, STACK_SCHEMA, StackError, load_manifest, load_stack, validate_stack
+from tests.helpers.documents import mutate
 
 SCHEMA_PATH = REPO_STACKS / "stack.schema.json"
 MODELINE = "# yaml-language-server: $schema=stack.schema.json"
@@ -160,18 +161,7 @@ def test_a_stack_with_every_optional_key_passes_both(validator, tmp_path):
 
 
 def _set(path: str, value):
-    def mutate(data):
-        *parents, last = path.split(".")
-        cur = data
-        for key in parents:
-            cur = cur[int(key)] if isinstance(cur, list) else cur[key]
-        if value is KeyError:
-            del cur[last]
-        elif isinstance(cur, list):
-            cur[int(last)] = value
-        else:
-            cur[last] = value
-    return mutate
+    return lambda data: mutate(data, path, value)
 
 
 BROKEN = {

@@ -15,10 +15,8 @@ Workers are started and ended through :mod:`checks.proc`. Nothing here imports t
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import select
 import shutil
 import tempfile
 import threading
@@ -105,33 +103,23 @@ class WorkerProcess:
         self.process = proc.Process(proc.python_argv("-m", "checks.finetune.worker", self.workdir),
                                     env=proc.child_env(extra, allow_download=allow_download),
                                     log_path=os.path.join(self.workdir, "worker.log"), stdin="pipe", stdout="pipe")
-        self._buf = b""
         self.hello: dict = {}
         self.loaded: dict = {}
 
     def send(self, message: dict) -> None:
         try:
-            self.process.stdin.write((json.dumps(message) + "\n").encode())
-            self.process.stdin.flush()
+            self.process.send(message)
         except (BrokenPipeError, OSError):
             raise WorkerDied(self.death()) from None
 
     def receive(self, timeout_s: float) -> dict:
-        deadline = time.monotonic() + timeout_s
-        fd = self.process.stdout.fileno()
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerTimeout(f"no answer within {timeout_s:g} s")
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise WorkerDied(self.death())
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return json.loads(line)
+        try:
+            reply = self.process.receive(timeout_s)
+        except TimeoutError as exc:
+            raise WorkerTimeout(str(exc)) from None
+        if reply is None:
+            raise WorkerDied(self.death())
+        return reply
 
     def death(self) -> str:
         """How the worker ended (it closed its channel): the signal or exit code, and its last output."""

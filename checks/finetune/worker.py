@@ -21,17 +21,11 @@ import sys
 import time
 import traceback
 
-
-def _channel():
-    """Keep the real stdout for replies; send fd 1 (stray prints from libraries) to stderr."""
-    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return proto
+from checks import proc
 
 
 def main() -> int:
-    proto = _channel()
+    proto = proc.reply_channel()
 
     def reply(event: str, **fields) -> None:
         proto.write(json.dumps({"event": event, **fields}, default=str) + "\n")
