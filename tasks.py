@@ -33,19 +33,20 @@ def _flag(argv: list[str], name: str, value) -> None:
         "model": "model for the finetune group: a directory, tiny, or random:bloomz-560m",
         "gpus": "override how many GPUs this node must have (0 = a node without GPUs)",
         "expect": "override node expectations: comma-separated KEY=VALUE, e.g. cuda_home=/opt/cuda,gpu_model=H100",
+        "jobs": "checks run at once (default 6; benchmarks and the fine-tune never overlap)",
         "list": "list the checks and their groups, then exit",
         "no_progress": "no live progress display",
     }
 )
 def verify(c, stack=None, manifest=None, only=None, skip=None, quick=False, json=None, junit=None, prom=None,
-           timeout=None, gpus=None, expect=None, model=None, list=False, no_progress=False):
+           timeout=None, gpus=None, expect=None, model=None, jobs=None, list=False, no_progress=False):
     """Prove this node is ready for PEFT fine-tuning (exit 0 healthy, 1 unhealthy, 2 bad usage)."""
     from checks.cli import main
 
     argv: list[str] = []
     for name, value in (("stack", stack), ("manifest", manifest), ("only", only), ("skip", skip),
                         ("quick", quick), ("json", json), ("junit", junit), ("prom", prom),
-                        ("timeout", timeout), ("gpus", gpus), ("model", model), ("list", list),
+                        ("timeout", timeout), ("gpus", gpus), ("model", model), ("jobs", jobs), ("list", list),
                         ("no-progress", no_progress)):
         _flag(argv, name, value)
     for item in (expect or "").split(","):

@@ -97,11 +97,9 @@ class WorkerClient:
         self.name = name
         self.process: proc.Process | None = None
         self.lock = threading.Lock()
-        self.starts = 0
 
     def _start(self) -> proc.Process:
         self.process = proc.Process(proc.python_argv("-m", "checks.worker"), stdin="pipe", stdout="pipe")
-        self.starts += 1
         return self.process
 
     def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
@@ -153,13 +151,21 @@ class WorkerClient:
         process.close()
 
 
-def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float) -> list[Result]:
-    """The check in a fresh worker process of its own (its own session: a timeout kills its children too)."""
+def run_isolated(spec: CheckSpec, ctx: Context, timeout_s: float,
+                 live: set[WorkerClient] | None = None, lock: threading.Lock | None = None) -> list[Result]:
+    """The check in a fresh worker process of its own (its own session: a timeout kills its children too).
+    ``live``: where a run keeps its running workers (guarded by ``lock``), to end them when interrupted."""
     client = WorkerClient(f"isolated:{spec.name}")
+    if live is not None:
+        with lock:
+            live.add(client)
     try:
         return client.call(spec, ctx, timeout_s)
     finally:
         client.close()
+        if live is not None:
+            with lock:
+                live.discard(client)
 
 
 def effective_timeout(spec: CheckSpec, override_s: float | None) -> float:
@@ -251,15 +257,7 @@ class Run:
                 with client.lock:
                     return client.call(spec, self.ctx, timeout)
             if spec.out_of_process:
-                client = WorkerClient(f"isolated:{spec.name}")
-                with self.hook_lock:
-                    self.isolated.add(client)
-                try:
-                    return client.call(spec, self.ctx, timeout)
-                finally:
-                    client.close()
-                    with self.hook_lock:
-                        self.isolated.discard(client)
+                return run_isolated(spec, self.ctx, timeout, self.isolated, self.hook_lock)
             return run_in_process(spec, self.ctx)
 
     def _task(self, spec: CheckSpec) -> None:

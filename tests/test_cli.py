@@ -129,6 +129,8 @@ def test_quick_run_writes_three_valid_reports_via_invoke(tmp_path):
 def test_invoke_passes_exit_2_through():
     proc = subprocess.run([INVOKE, "verify", "--only", "bogus"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert_usage_error(proc, "--only: unknown check or group 'bogus'")
+    proc = subprocess.run([INVOKE, "verify", "--jobs", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_usage_error(proc, "--jobs: '0' is not a whole number from 1 to 64")
 
 
 def test_invoke_menu_lists_tasks_with_help():
