@@ -273,6 +273,13 @@ class Process:
         except OSError:
             return ""
 
+    def output(self) -> str:
+        """Everything it printed, as printed."""
+        try:
+            return self.log_path.read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
     def close(self) -> Exit:
         """Finish and remove the temporary log (a log the caller named is kept)."""
         ex = self.finish()
@@ -326,7 +333,7 @@ def run(argv: list[str], *, timeout_s: float, env: dict[str, str] | None = None,
         code = proc.wait(timeout_s)
         ex = proc.finish(timed_out=code is None)
         if keep_output:
-            ex.output = proc.tail(nbytes=1 << 62)
+            ex.output = proc.output()
         return ex
     finally:
         proc.close()

@@ -2,15 +2,14 @@
 
 They start through the process layer (checks/proc.py): a deadline, and the whole tree killed past it
 or when the check is interrupted. What comes back is the command's whole output (stdout and stderr
-as it wrote them), not only the tail ``proc.Exit`` keeps: a kernel log or a DCGM report is longer.
+as it wrote them: ``keep_output``), not only the tail ``proc.Exit`` keeps: a kernel log or a DCGM
+report is longer.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from checks import proc
 
@@ -42,14 +41,8 @@ def run_command(argv: list[str], timeout_s: float) -> Command:
     """Run ``argv`` to its end or ``timeout_s``; never raises."""
     if shutil.which(argv[0]) is None:
         return Command(list(argv), None, error="not installed", timeout_s=timeout_s)
-    with tempfile.TemporaryDirectory(prefix="peftnode-cmd-") as tmp:
-        log = Path(tmp, "output")
-        try:
-            done = proc.run(list(argv), timeout_s=timeout_s, log_path=log)
-        except OSError as exc:  # not executable, a wrong architecture
-            return Command(list(argv), None, error=str(exc), timeout_s=timeout_s)
-        try:
-            output = log.read_text(errors="replace")
-        except OSError:
-            output = done.tail
-    return Command(list(argv), done, output, timeout_s=timeout_s)
+    try:
+        done = proc.run(list(argv), timeout_s=timeout_s, keep_output=True)
+    except OSError as exc:  # not executable, a wrong architecture
+        return Command(list(argv), None, error=str(exc), timeout_s=timeout_s)
+    return Command(list(argv), done, done.output, timeout_s=timeout_s)

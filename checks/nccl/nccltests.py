@@ -5,9 +5,7 @@ prints (every layout since the ``error`` column), and judge its bus bandwidth be
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from checks import proc
 from checks.figures import Expectation, thresholds
@@ -206,13 +204,8 @@ def run_all_reduce_perf(binary: str, nbytes: int, gpus: int, quick: bool, timeou
     argv = [binary, "-b", str(nbytes), "-e", str(nbytes), "-f", "2", "-g", str(gpus)]
     if quick:
         argv += ["-w", "3", "-n", "10"]
-    with tempfile.TemporaryDirectory(prefix="peftnode-nccl-tests-") as tmp:
-        log = Path(tmp, "all_reduce_perf.log")
-        ended = proc.run(argv, timeout_s=timeout_s, log_path=log)
-        try:
-            text = log.read_text(errors="replace")
-        except OSError:
-            text = ended.tail
+    ended = proc.run(argv, timeout_s=timeout_s, keep_output=True)
+    text = ended.output
     if ended.code is None:
         text += f"\nError: all_reduce_perf {ended.describe(timeout_s)}\n"
     return ended.code, text
