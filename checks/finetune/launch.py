@@ -79,14 +79,9 @@ def run_torchrun(module: str, nproc: int, config: dict, *, timeout_s: float, env
     run_dir = tempfile.mkdtemp(prefix="peftnode-torchrun-")
     try:
         Path(run_dir, "config.json").write_text(json.dumps(config))
-        torchrun = proc.Process(torchrun_command(module, nproc, run_dir), env=rank_env(env, allow_download),
-                                log_path=Path(run_dir, "torchrun.log"))
-        try:
-            code = torchrun.wait(timeout_s)
-            ended = torchrun.finish(timed_out=code is None)
-        finally:  # also on KeyboardInterrupt: never leave ranks behind
-            torchrun.close()
-        ended.tail = torchrun.tail(LOG_TAIL_BYTES)
+        ended = proc.run(torchrun_command(module, nproc, run_dir), timeout_s=timeout_s,
+                         env=rank_env(env, allow_download), log_path=Path(run_dir, "torchrun.log"), keep_output=True)
+        ended.tail = ended.output[-LOG_TAIL_BYTES:]
         return Launch(module, nproc, ended, timeout_s=timeout_s, ranks=read_ranks(run_dir, nproc))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
