@@ -175,3 +175,11 @@ def test_without_psutil_the_process_group_is_still_killed(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True timed out after 1.5 s and was killed"
     assert gone(int(pidfile.read_text()))
+
+
+def test_a_clean_exit_still_ends_what_it_left_in_its_group(tmp_path):
+    pidfile = tmp_path / "pid"
+    ex = proc.run(py(f"import subprocess; p = subprocess.Popen(['sleep', '60']); "
+                     f"open({str(pidfile)!r}, 'w').write(str(p.pid))"), timeout_s=30)
+    assert ex.code == 0 and not ex.timed_out
+    assert ex.killed == 1 and gone(int(pidfile.read_text()))
