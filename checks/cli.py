@@ -15,6 +15,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import checks
 from checks.registry import DEFAULT_TIMEOUT_S, Context, UsageError, all_checks, select
 from checks.report import Report
 from checks.result import Result, worst
@@ -41,12 +42,19 @@ def _common_flags(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="override a node expectation, e.g. cuda_home=/opt/cuda or gpu_model=H100 (repeatable; "
                         "keys as in a stack's node: section)")
     p.add_argument("--model", metavar="SPEC", help=model_help)
-    p.add_argument("--json", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report here ('-': to standard output, and the "
+                                                  "console report to standard error)")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     p.add_argument("--prom", metavar="FILE", help="write a Prometheus textfile-collector file here")
     p.add_argument("--jobs", metavar="N",
                    help=f"checks run at once (default {DEFAULT_JOBS}; benchmarks and the fine-tune never overlap)")
     p.add_argument("--no-progress", action="store_true", help="no live progress display")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="list every result on the console (default: failures and warnings one line each, passes "
+                        "and skips counted per group)")
+    p.add_argument("--failed-only", action="store_true",
+                   help="console: only the results that failed, errored or warned, and the summary")
+    p.add_argument("--version", action="version", version=f"%(prog)s {checks.__version__}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +124,7 @@ def parse_expect(items: list[str] | None) -> dict:
 
 def check_writable(flag: str, path: str | None) -> None:
     """Refuse an unwritable report path before any check runs, not after a ten-minute run."""
-    if not path:
+    if not path or (path == "-" and flag == "--json"):
         return
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
@@ -260,17 +268,25 @@ def write_reports(report: Report, args) -> None:
     from rich.console import Console
 
     from checks.report.console import render_console
-    from checks.report.jsonreport import write_json
+    from checks.report.jsonreport import dumps, write_json
     from checks.report.junit import write_junit
     from checks.report.markdown import append_step_summary
     from checks.report.prom import write_prom
 
+    # `--json -` owns standard output: the console report goes to standard error then.
+    json_to_stdout = getattr(args, "json", None) == "-"
+    stream = sys.stderr if json_to_stdout else sys.stdout
     # A terminal sets its own width; a log file or pipe gets a wide table instead of rich's 80 columns.
-    render_console(report, Console() if sys.stdout.isatty() else Console(width=160))
+    console = Console(file=stream) if stream.isatty() else Console(file=stream, width=160)
+    render_console(report, console, verbose=getattr(args, "verbose", False),
+                   failed_only=getattr(args, "failed_only", False))
+    if json_to_stdout:
+        sys.stdout.write(dumps(report))
+        sys.stdout.flush()
     writers = {"json": write_json, "junit": write_junit, "prom": write_prom}
     for flag, writer in writers.items():
         path = getattr(args, flag)
-        if path:
+        if path and not (flag == "json" and json_to_stdout):
             try:
                 writer(report, path)
             except OSError as exc:

@@ -63,7 +63,7 @@ from checks.figures import (
 )
 from checks.node import PerfExpect
 from checks.registry import Context, check
-from checks.result import Status, Value, Verdict
+from checks.result import GpuId, Status, Value, Verdict
 from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
 
 NEEDS = ("gpu.driver", "cuda.torch")  # no driver or no CUDA torch: nothing to measure
@@ -109,6 +109,7 @@ class GpuSample:
     values: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     detail: dict[str, object] = field(default_factory=dict)  # dtype, sizes: reported as measured
+    gpu: GpuId | None = None  # UUID and PCI bus id as torch reads them, where this torch has them
 
 
 @dataclass
@@ -140,6 +141,7 @@ def judge_gpus(samples: list[GpuSample], metrics: list[str], perf: PerfExpect | 
     verdicts: list[Verdict] = []
     for sample in samples:
         subject = f"gpu{sample.index}"
+        gid = sample.gpu or GpuId(sample.index)
         measured: dict[str, object] = {"device": sample.name, **sample.detail}
         expected: dict[str, object] = {}
         if sample.error is not None:
@@ -148,7 +150,7 @@ def judge_gpus(samples: list[GpuSample], metrics: list[str], perf: PerfExpect | 
                 Status.FAIL, f"GPU {sample.index} ({sample.name}): the {labels} probe failed: {sample.error}",
                 measured, expected,
                 "Run the probe alone on this GPU; look for Xid errors in `dmesg`, memory held by other processes "
-                "(`nvidia-smi`), and run `dcgmi diag -r 2`.", subject))
+                "(`nvidia-smi`), and run `dcgmi diag -r 2`.", subject, gid))
             continue
         status = Status.PASS
         parts: list[str] = []
@@ -189,14 +191,14 @@ def judge_gpus(samples: list[GpuSample], metrics: list[str], perf: PerfExpect | 
             parts.append(text)
         if not parts:
             verdicts.append(Verdict(Status.ERROR, f"GPU {sample.index} ({sample.name}): the probe returned no "
-                                                  "figures", measured, expected, subject=subject))
+                                                  "figures", measured, expected, subject=subject, gpu=gid))
             continue
         head = f"GPU {sample.index} ({sample.name}): "
         if status is Status.FAIL:
             verdicts.append(Verdict(status, head + "; ".join(problems), measured, expected,
-                                    " ".join(dict.fromkeys(remedies)), subject))
+                                    " ".join(dict.fromkeys(remedies)), subject, gid))
         else:
-            verdicts.append(Verdict(status, head + "; ".join(parts), measured, expected, subject=subject))
+            verdicts.append(Verdict(status, head + "; ".join(parts), measured, expected, subject=subject, gpu=gid))
     if expected_gpus and 0 < len(samples) < expected_gpus:
         verdicts.append(Verdict(
             Status.WARN, f"torch sees {len(samples)} of the {expected_gpus} expected GPUs; only those were measured",
@@ -325,6 +327,25 @@ class Device:
     index: int
     name: str
     handle: Any  # a torch.device: cuda:N, or cpu for the self-test
+    gpu: GpuId | None = None
+
+
+def torch_gpu_id(index: int) -> GpuId:
+    """UUID and PCI bus id of CUDA device ``index`` in NVML's spelling (``GPU-…``, ``00000000:3B:00.0``), so a
+    perf figure joins with the NVML checks and dcgm-exporter; None for what this torch does not expose."""
+    import torch
+
+    try:
+        props = torch.cuda.get_device_properties(index)
+    except Exception:
+        return GpuId(index)
+    uuid = getattr(props, "uuid", None)
+    uuid_text = None if uuid is None else (str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}")
+    bus = getattr(props, "pci_bus_id", None)
+    pci = None
+    if isinstance(bus, int):
+        pci = f"{getattr(props, 'pci_domain_id', 0) or 0:08X}:{bus:02X}:{getattr(props, 'pci_device_id', 0) or 0:02X}.0"
+    return GpuId(index, uuid_text, pci)
 
 
 def cuda_devices(count: int) -> list[Device]:
@@ -336,7 +357,7 @@ def cuda_devices(count: int) -> list[Device]:
             name = torch.cuda.get_device_name(index)
         except Exception as exc:
             name = f"unknown ({first_line(exc)})"
-        devices.append(Device(index, name, torch.device("cuda", index)))
+        devices.append(Device(index, name, torch.device("cuda", index), torch_gpu_id(index)))
     return devices
 
 
@@ -350,7 +371,7 @@ def on_devices(devices: list[Device], work: Callable[[Device], GpuSample], concu
 
 def measure_one(bench: Bench, device: Device, s: Settings) -> GpuSample:
     """One device's figures, or the first line of what went wrong (the other devices carry on)."""
-    sample = GpuSample(device.index, device.name)
+    sample = GpuSample(device.index, device.name, gpu=device.gpu)
     try:
         if device.handle.type == "cuda":
             import torch

@@ -67,6 +67,26 @@ class Value:
         return cls(data["value"], data.get("unit"))
 
 
+@dataclass(frozen=True)
+class GpuId:
+    """Which physical GPU a result is about: what an RMA ticket needs (serial), what a fleet report and
+    dcgm-exporter's series join on (UUID, PCI bus id). Any field the source could not read is None."""
+
+    index: int
+    uuid: str | None = None
+    pci_bus_id: str | None = None  # NVML's form, e.g. "00000000:3B:00.0"
+    serial: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "uuid": self.uuid, "pci_bus_id": self.pci_bus_id, "serial": self.serial}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> GpuId | None:
+        if not data:
+            return None
+        return cls(int(data["index"]), data.get("uuid"), data.get("pci_bus_id"), data.get("serial"))
+
+
 def _values(mapping: dict[str, Any] | None) -> dict[str, Value]:
     out: dict[str, Value] = {}
     for key, val in (mapping or {}).items():
@@ -85,6 +105,7 @@ class Verdict:
     expected: dict[str, Value] = field(default_factory=dict)
     remediation: str | None = None
     subject: str | None = None
+    gpu: GpuId | None = None  # the physical GPU this verdict is about, when it is about one
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -104,6 +125,7 @@ class Result:
     expected: dict[str, Value] = field(default_factory=dict)
     remediation: str | None = None
     duration_s: float = 0.0
+    gpu: GpuId | None = None
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)
@@ -122,6 +144,7 @@ class Result:
             expected=verdict.expected,
             remediation=verdict.remediation,
             duration_s=duration_s,
+            gpu=verdict.gpu,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +157,7 @@ class Result:
             "expected": {k: v.to_dict() for k, v in self.expected.items()},
             "remediation": self.remediation,
             "duration_s": round(self.duration_s, 6),
+            "gpu": self.gpu.to_dict() if self.gpu else None,
         }
 
     @classmethod
@@ -147,6 +171,7 @@ class Result:
             expected={k: Value.from_dict(v) for k, v in data.get("expected", {}).items()},
             remediation=data.get("remediation"),
             duration_s=float(data.get("duration_s", 0.0)),
+            gpu=GpuId.from_dict(data.get("gpu")),
         )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from checks import proc
 from checks.registry import DEFAULT_TIMEOUT_S, CheckSpec, Context
-from checks.result import Result, Status, Value, Verdict, worst
+from checks.result import GpuId, Result, Status, Value, Verdict, worst
 
 ProgressHook = Callable[[CheckSpec, "list[Result] | None"], None]  # before (None) and after each check
 DEFAULT_JOBS = 6
@@ -84,7 +84,7 @@ def results_of(spec: CheckSpec, payload: dict, duration: float) -> list[Result]:
             status=Status.parse(v["status"]), message=v["message"],
             measured={k: Value.from_dict(x) for k, x in v["measured"].items()},
             expected={k: Value.from_dict(x) for k, x in v["expected"].items()},
-            remediation=v["remediation"], subject=v["subject"],
+            remediation=v["remediation"], subject=v["subject"], gpu=GpuId.from_dict(v.get("gpu")),
         )
         out.append(Result.from_verdict(spec.name, spec.group, verdict, duration))
     return out

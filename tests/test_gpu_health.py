@@ -264,3 +264,23 @@ def test_real_nvml_snapshot_on_a_gpu_node():
         pytest.skip("needs an NVIDIA GPU and its driver: /proc/driver/nvidia/version is absent here")
     snap = probe_nvml(pynvml)
     assert snap.error is None and snap.gpus and all(g.name for g in snap.gpus)
+
+
+def test_every_per_gpu_result_names_its_hardware(monkeypatch, node_ctx):
+    """Index, UUID, PCI bus id and serial reach each GPU's result and survive the JSON round trip; a board
+    without a serial (NVML: not supported) reports None rather than failing the check."""
+    from checks.result import Result
+
+    gpus = healthy_node(8)
+    gpus[5]["serial"] = None
+    use(monkeypatch, FakeNVML(gpus))
+    for fn in HEALTH_CHECKS[1:]:
+        per_gpu = [v for v in fn(node_ctx) if v.subject and v.subject.startswith("gpu")]
+        assert [v.gpu.index for v in per_gpu] == list(range(8)), fn.__name__
+        for v in per_gpu:
+            assert v.gpu.uuid == gpus[v.gpu.index]["uuid"]
+            assert v.gpu.pci_bus_id == gpus[v.gpu.index]["bus_id"]
+            assert v.gpu.serial == gpus[v.gpu.index]["serial"]
+            again = Result.from_dict(Result.from_verdict("gpu.x", "gpu", v, 0.1).to_dict())
+            assert again.gpu == v.gpu
+    assert [v.gpu for v in health.gpu_ecc(node_ctx)][5].serial is None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from checks.result import Status, Value, Verdict
+from checks.result import GpuId, Status, Value, Verdict
 
 
 @dataclass
@@ -76,11 +76,12 @@ def to_dict(verdict: Verdict) -> dict:
     return {"status": verdict.status.label, "message": verdict.message,
             "measured": {k: v.to_dict() for k, v in verdict.measured.items()},
             "expected": {k: v.to_dict() for k, v in verdict.expected.items()},
-            "remediation": verdict.remediation, "subject": verdict.subject}
+            "remediation": verdict.remediation, "subject": verdict.subject,
+            "gpu": verdict.gpu.to_dict() if verdict.gpu else None}
 
 
 def from_dict(data: dict) -> Verdict:
     return Verdict(Status.parse(data["status"]), data["message"],
                    {k: Value.from_dict(v) for k, v in (data.get("measured") or {}).items()},
                    {k: Value.from_dict(v) for k, v in (data.get("expected") or {}).items()},
-                   data.get("remediation"), data.get("subject"))
+                   data.get("remediation"), data.get("subject"), GpuId.from_dict(data.get("gpu")))

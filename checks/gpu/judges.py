@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from checks.gpu.nvml import GpuSnapshot, NodeSnapshot
-from checks.result import Status, Value, Verdict
+from checks.result import GpuId, Status, Value, Verdict
 
 # Volatile correctable ECC errors above this since the driver loaded -> warn. Azure fails a node at
 # 10,000 correctable SRAM errors; we warn at that count over all volatile correctable errors, since
@@ -50,9 +50,13 @@ def _gpu(g: GpuSnapshot) -> str:
     return f"gpu{g.index}"
 
 
+def gpu_id(g: GpuSnapshot) -> GpuId:
+    return GpuId(g.index, g.uuid, g.bus_id, g.serial)
+
+
 def _v(status, message, g: GpuSnapshot, measured=None, expected=None, remediation=None) -> Verdict:
     return Verdict(status, f"GPU {g.index} ({g.name}): {message}", measured or {}, expected or {}, remediation,
-                   subject=_gpu(g))
+                   subject=_gpu(g), gpu=gpu_id(g))
 
 
 # --- node-wide -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ class GpuSnapshot:
     name: str
     uuid: str | None = None
     bus_id: str | None = None  # "00000000:3B:00.0"
+    serial: str | None = None  # the board serial (an RMA ticket asks for it); None where NVML has none
     vbios: str | None = None
     ecc_enabled: bool | None = None  # None: no ECC on this board
     ecc_pending: bool | None = None
@@ -90,6 +91,7 @@ def probe_nvml(nvml) -> NodeSnapshot:
             g.uuid = _text(opt(nvml.nvmlDeviceGetUUID, h) or "") or None
             pci = opt(nvml.nvmlDeviceGetPciInfo, h)
             g.bus_id = _text(pci.busId) if pci is not None else None
+            g.serial = _text(opt(nvml.nvmlDeviceGetSerial, h) or "") or None
             g.vbios = _text(opt(nvml.nvmlDeviceGetVbiosVersion, h) or "") or None
             ecc = opt(nvml.nvmlDeviceGetEccMode, h)
             if ecc is not None:

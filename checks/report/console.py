@@ -95,7 +95,7 @@ def build_table(report: Report) -> Table:
     return table
 
 
-def render_console(report: Report, console: Console) -> None:
+def render_console(report: Report, console: Console, *, verbose: bool = False, failed_only: bool = False) -> None:
     """Print the header, the results table and the summary line to ``console``."""
     console.print(Text(header_line(report), style="bold"))
     if report.results:

@@ -16,6 +16,7 @@ HEALTHY_H100 = {
     "name": "NVIDIA H100 80GB HBM3",
     "uuid": "GPU-00000000-0000-0000-0000-000000000000",
     "bus_id": "00000000:18:00.0",
+    "serial": "1650000000001",
     "vbios": "96.00.74.00.0C",
     "ecc": (1, 1),
     "ecc_uncorrected": 0,
@@ -42,6 +43,7 @@ def healthy_node(n: int = 8, **overrides) -> list[dict]:
         g = copy.deepcopy(HEALTHY_H100)
         g["uuid"] = f"GPU-{i:08d}-0000-0000-0000-000000000000"
         g["bus_id"] = f"00000000:{0x18 + 0x10 * i:02X}:00.0"
+        g["serial"] = f"16500000{i:05d}"
         g.update(copy.deepcopy(overrides))
         gpus.append(g)
     return gpus
@@ -67,7 +69,7 @@ class FakeNVML:
         return self.gpus[handle]
 
     def _val(self, handle, key):
-        value = self._g(handle)[key]
+        value = self._g(handle).get(key)
         if value is None:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return value
@@ -103,6 +105,9 @@ class FakeNVML:
 
     def nvmlDeviceGetPciInfo(self, h):
         return SimpleNamespace(busId=self._val(h, "bus_id"))
+
+    def nvmlDeviceGetSerial(self, h):
+        return self._val(h, "serial")
 
     def nvmlDeviceGetVbiosVersion(self, h):
         return self._val(h, "vbios")
