@@ -431,3 +431,39 @@ def test_real_checks_judge_without_errors(cu117):
     results = run_checks(perf_specs(), ctx)
     assert {r.status for r in results} <= {Status.PASS, Status.FAIL, Status.WARN}, [r.message for r in results]
     assert all(r.measured for r in results)
+
+
+def test_torch_gpu_id_spells_uuid_and_pci_bus_id_as_nvml_does(monkeypatch):
+    """A perf figure joins with the NVML checks and dcgm-exporter only if torch's ids are written NVML's way;
+    a torch without them (or no device at all) still gives the index."""
+    import types
+    import uuid as uuidlib
+
+    import torch
+
+    from checks.perf import torch_gpu_id
+
+    raw = uuidlib.UUID("6f6e9b3a-1c2d-4e5f-8a9b-0c1d2e3f4a5b")
+    props = types.SimpleNamespace(uuid=raw, pci_bus_id=0x3B, pci_device_id=0, pci_domain_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    got = torch_gpu_id(2)
+    assert (got.index, got.uuid, got.pci_bus_id) == (2, f"GPU-{raw}", "00000000:3B:00.0")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(name="old torch"))
+    assert (torch_gpu_id(1).uuid, torch_gpu_id(1).pci_bus_id) == (None, None)
+
+    def no_device(i):
+        raise RuntimeError("no CUDA GPUs are available")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_device)
+    assert torch_gpu_id(0).index == 0 and torch_gpu_id(0).uuid is None
+
+
+def test_each_gpu_verdict_carries_its_hardware_id():
+    from checks.perf import GpuSample, judge_gpus
+    from checks.result import GpuId
+
+    ids = [GpuId(i, f"GPU-{i}", f"00000000:{0x18 + i:02X}:00.0") for i in range(3)]
+    samples = [GpuSample(i, "NVIDIA H100 80GB HBM3", {"gemm_tflops": 700.0}, gpu=ids[i]) for i in range(2)]
+    samples.append(GpuSample(2, "NVIDIA H100 80GB HBM3", error="CUDA error: an illegal memory access"))
+    verdicts = judge_gpus(samples, ["gemm_tflops"], None)
+    assert [v.gpu for v in verdicts] == [ids[0], ids[1], GpuId(2)]

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 
 from checks.cuda.versions import decode_cudnn, decode_nccl, fmt, parse_version, same
 from checks.registry import Context, check
-from checks.result import Status, Value, Verdict
+from checks.result import GpuId, Status, Value, Verdict
 
 MATMUL_N = 256
 MATMUL_TOL = 1e-4  # rtol and atol; fp32 with TF32 off agrees with the CPU to ~1e-6 at this size
@@ -27,6 +27,7 @@ class GpuCompute:
     max_abs_err: float | None  # |GPU - CPU| of the fixed-seed matmul
     allclose: bool
     error: str | None = None
+    gpu: GpuId | None = None
 
 
 @dataclass
@@ -104,6 +105,8 @@ def _matmul_every_gpu(torch, count: int) -> list[GpuCompute]:
     a = torch.rand(MATMUL_N, MATMUL_N, generator=gen, dtype=torch.float32) * 2 - 1
     b = torch.rand(MATMUL_N, MATMUL_N, generator=gen, dtype=torch.float32) * 2 - 1
     reference = a @ b
+    from checks.perf import torch_gpu_id
+
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
     out = []
@@ -117,9 +120,9 @@ def _matmul_every_gpu(torch, count: int) -> list[GpuCompute]:
                 torch.cuda.synchronize(dev)
                 err = float((got - reference).abs().max())
                 ok = bool(torch.allclose(got, reference, rtol=MATMUL_TOL, atol=MATMUL_TOL))
-                out.append(GpuCompute(i, name, err, ok))
+                out.append(GpuCompute(i, name, err, ok, gpu=torch_gpu_id(i)))
             except Exception as exc:  # an ECC error, a lost GPU, an unsupported arch
-                out.append(GpuCompute(i, name, None, False, f"{type(exc).__name__}: {exc}".strip()))
+                out.append(GpuCompute(i, name, None, False, f"{type(exc).__name__}: {exc}".strip(), torch_gpu_id(i)))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     return out
@@ -201,19 +204,20 @@ def judge_torch_view(probe: TorchProbe, cuda_version: str, cudnn_version: str, n
         if gpu.max_abs_err is not None:
             g_measured["max_abs_err"] = Value(gpu.max_abs_err)
         subject = f"gpu{gpu.index}"
+        gid = gpu.gpu or GpuId(gpu.index)
         fix = ("Run the GPU's diagnostics (dcgmi diag -r 2), look for XID errors in the kernel log; drain the node "
                "if it repeats.")
         if gpu.error:
             verdicts.append(Verdict(Status.FAIL, f"a {MATMUL_N}x{MATMUL_N} fp32 matmul failed on GPU {gpu.index}: "
-                                                 f"{gpu.error}", g_measured, g_expected, fix, subject=subject))
+                                                 f"{gpu.error}", g_measured, g_expected, fix, subject=subject, gpu=gid))
         elif not gpu.allclose:
             verdicts.append(Verdict(Status.FAIL, f"a {MATMUL_N}x{MATMUL_N} fp32 matmul on GPU {gpu.index} differs "
                                                  f"from the CPU by up to {gpu.max_abs_err:.3g} (tolerance "
-                                                 f"{MATMUL_TOL:g})", g_measured, g_expected, fix, subject=subject))
+                                                 f"{MATMUL_TOL:g})", g_measured, g_expected, fix, subject, gid))
         else:
             verdicts.append(Verdict(Status.PASS, f"{MATMUL_N}x{MATMUL_N} fp32 matmul on GPU {gpu.index} "
                                                  f"({gpu.name}) matches the CPU (max |diff| {gpu.max_abs_err:.2g})",
-                                    g_measured, g_expected, subject=subject))
+                                    g_measured, g_expected, subject=subject, gpu=gid))
     return verdicts
 
 
