@@ -7,7 +7,6 @@ import json
 import os
 import re
 import stat
-import xml.etree.ElementTree as ET
 from datetime import datetime, timedelta, timezone
 
 import jsonschema
@@ -20,7 +19,7 @@ from checks.registry import CheckSpec, Context
 from checks.report import REPORT_SCHEMA, Report
 from checks.report.console import render_console, summary_line
 from checks.report.jsonreport import load_schema, to_json_dict, write_json
-from checks.report.junit import render_junit, write_junit
+from checks.report.junit import render_junit
 from checks.report.markdown import append_step_summary, render_markdown
 from checks.report.prom import render_prom, write_prom
 from checks.result import Result, Status, Value, Verdict
@@ -201,59 +200,7 @@ def test_json_round_trips_results(tmp_path):
                 assert got.value == value.value
 
 
-# --------------------------------------------------------------------------- JUnit
-
-
-def test_junit_structure(tmp_path):
-    report = _report()
-    path = tmp_path / "junit.xml"
-    write_junit(report, path)
-    root = ET.parse(path).getroot()
-    assert root.tag == "testsuites"
-    suites = root.findall("testsuite")
-    assert len(suites) == 1
-    suite = suites[0]
-    assert suite.get("name") == "peftnode"
-    assert suite.get("tests") == "8"
-    assert suite.get("failures") == "2"
-    assert suite.get("errors") == "1"
-    assert suite.get("skipped") == "1"
-    assert suite.get("hostname") == "gpu-node-01"
-    assert suite.get("timestamp") == "2024-05-01T12:00:00"
-    assert float(suite.get("time")) == pytest.approx(3.25)
-
-    cases = suite.findall("testcase")
-    assert len(cases) == 8
-    assert len(suite.findall("testcase/failure")) == 2
-    assert len(suite.findall("testcase/error")) == 1
-    assert len(suite.findall("testcase/skipped")) == 1
-
-    by_name = {c.get("name"): c for c in cases}
-    ecc = by_name["gpu.ecc[0]"]
-    assert ecc.get("classname") == "peftnode.gpu"
-    assert float(ecc.get("time")) == pytest.approx(0.5)
-    failure = ecc.find("failure")
-    assert failure.get("type") == "fail"
-    assert failure.get("message") == NASTY  # quotes, <&>, | and newline survive escaping
-    assert "uncorrectable=3 errors" in failure.text
-    assert "expected: uncorrectable=0 errors" in failure.text
-    assert "Drain node; RMA GPU 0" in failure.text
-
-    assert by_name["python.torch"].find("error") is not None
-    assert by_name["net.nccl"].find("skipped").get("message") == "single node; nothing to test"
-
-    warn = by_name["cuda.driver"]
-    assert warn.find("failure") is None and warn.find("error") is None
-    assert warn.find("system-out").text.startswith("WARN: driver 535.54")
-    assert by_name["gpu.count"].find("*") is None  # a pass has no children
-
-
-def test_junit_strips_illegal_xml_characters(tmp_path):
-    bad = Result("weird", "misc", Status.FAIL, "tty said \x1b[31mred\x00")
-    path = tmp_path / "j.xml"
-    write_junit(_report([bad]), path)
-    case = ET.parse(path).getroot().find("testsuite/testcase")
-    assert "red" in case.find("failure").get("message")
+# --------------------------------------------------------------------------- JUnit: tests/test_junit.py
 
 
 # --------------------------------------------------------------------------- Prometheus
@@ -536,15 +483,7 @@ def test_blocked_checks_count_as_one_root_cause_everywhere(tmp_path):
     assert doc["counts"]["skip"] == 5
     jsonschema.Draft202012Validator(load_schema()).validate(doc)
 
-    suite = ET.parse(write_junit(report, tmp_path / "j.xml")).getroot().find("testsuite")
-    cases = {c.get("name"): c for c in suite.findall("testcase")}
-    for name in ("gpu.count", "gpu.ecc", "cuda.torch"):
-        assert cases[name].find("skipped").get("message") == "blocked by gpu.driver (NVIDIA driver not loaded)"
-    assert cases["perf.gemm"].find("skipped").get("message").startswith("blocked by gpu.driver via cuda.torch")
-    assert cases["net.nccl"].find("skipped").get("message") == "single node; nothing to test"
-    assert "blocked: 4 check(s) that need gpu.driver were skipped" in cases["gpu.driver"].find("failure").text
-    props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
-    assert props["blocked_by"] == "gpu.driver=4"
+    # JUnit's share of this: tests/test_junit.py::test_a_root_cause_carries_its_blocked_count
 
     md = render_markdown(report)
     assert "**1 root cause (gpu.driver) blocked 4 checks.**" in md
