@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import stat
 from datetime import datetime, timedelta, timezone
 
@@ -376,56 +375,13 @@ def test_step_summary_noop_when_unset(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- console
+# --------------------------------------------------------------------------- console (tested in test_console.py)
 
 
 def _console_text(report: Report) -> str:
     console = Console(record=True, width=140, file=io.StringIO(), color_system=None)
     render_console(report, console)
     return console.export_text()
-
-
-def test_console_output():
-    text = _console_text(_report())
-    assert "8 checks: 3 pass, 1 skip, 1 warn, 0 error, 2 fail" not in text  # error count is 1
-    assert "8 checks: 3 pass, 1 skip, 1 warn, 1 error, 2 fail in 3.2 s -> UNHEALTHY (exit 1)" in text
-    assert "gpu-node-01" in text and "cu124" in text
-    assert "gpu.ecc[0]" in text  # brackets not eaten as rich markup
-    assert "Drain node; RMA GPU 0" in text
-    assert "Upgrade the NVIDIA driver" in text
-    # groups worst first: gpu and storage hold fails (alphabetical tie-break), then python (error),
-    # cuda (warn), net (skip)
-    positions = [text.index(f"│ {g} ") for g in ("gpu", "storage", "python", "cuda", "net")]
-    assert positions == sorted(positions)
-    # within gpu: the failing check before the passing ones
-    assert text.index("gpu.ecc[0]") < text.index("gpu.count")
-    # no remediation hint for a pass
-    assert "hint:" not in text.split("gpu.count")[1].split("\n")[0]
-
-
-def test_console_healthy_and_empty():
-    text = _console_text(_healthy_report())
-    assert "-> HEALTHY (exit 0)" in text
-    empty = _console_text(_report([]))
-    assert "0 checks: 0 pass, 0 skip, 0 warn, 0 error, 0 fail" in empty and "HEALTHY (exit 0)" in empty
-
-
-def test_console_colours():
-    console = Console(record=True, width=140, file=io.StringIO(), color_system="standard", force_terminal=True)
-    render_console(_report(), console)
-    ansi = console.export_text(styles=True)
-
-    def sgr_before(word: str) -> str:
-        match = re.search(r"\x1b\[([\d;]*)m" + re.escape(word), ansi)
-        assert match, f"{word} is not styled"
-        return match.group(1).split(";")
-
-    assert "31" in sgr_before("FAIL")  # red
-    assert "32" in sgr_before("PASS")  # green
-    assert "35" in sgr_before("ERROR")  # magenta
-    assert "33" in sgr_before("WARN")  # yellow
-    assert "2" in sgr_before("SKIP")  # dim
-    assert "2" in sgr_before("hint: Drain node")  # remediation is dim
 
 
 # --------------------------------------------------------------------------- root causes (blocked checks)
