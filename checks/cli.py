@@ -58,7 +58,7 @@ def _common_flags(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Prove that this node is ready for PEFT fine-tuning.")
+    p = _Parser(prog=PROG, description="Prove that this node is ready for PEFT fine-tuning.", allow_abbrev=False)
     _common_flags(p, "model for the finetune group: a directory, tiny, or random:bloomz-560m "
                      "(default: the stack's model.path)")
     p.add_argument("--only", action="append", metavar="GROUPS|CHECKS", help="run only these (comma-separated)")
@@ -233,7 +233,7 @@ def run(argv: list[str]) -> int:
     return execute(args, chosen, stack, from_manifest, node, title=PROG, quick=args.quick, timeout_s=timeout,
                    jobs=jobs, options={"model": args.model} if args.model else {},
                    report_options={"model": args.model, "only": args.only or [], "skip": args.skip or [],
-                                   "quick": args.quick, "timeout_s": timeout, "gpus": node.gpus})
+                                   "quick": args.quick, "timeout_s": timeout, "gpus": node.gpus, "expect": expect})
 
 
 def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str, options: dict,
@@ -327,7 +327,8 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
 
     p = _Parser(prog=FINETUNE_PROG, description="Smoke fine-tune the stack's model with each PEFT method and check "
-                                                "it: verify's finetune group, with the fine-tune's own flags.")
+                                                "it: verify's finetune group, with the fine-tune's own flags.",
+                allow_abbrev=False)
     _common_flags(p, "tiny (random 1-layer Bloom, seconds), random:bloomz-560m (exact shape, random weights) or a "
                      "model directory; default: the stack's model.path")
     p.add_argument("--methods", action="append", metavar="NAMES",
@@ -444,7 +445,7 @@ def run_finetune(argv: list[str]) -> int:
     timeout = timeout or (DIST_TIMEOUT_S if distributed else DEFAULT_TIMEOUT_S)
     report_options = {"model": spec.name, "methods": names, "steps": steps, "timeout_s": timeout, "workers": workers,
                       "distributed": args.distributed, "deepspeed": args.deepspeed, "nproc": nproc, "gpus": node.gpus,
-                      "allow_download": args.allow_download}
+                      "allow_download": args.allow_download, "expect": expect}
     return execute(args, chosen, stack, from_manifest, node, title=FINETUNE_PROG, options=options,
                    report_options=report_options, timeout_s=outer, jobs=jobs)
 

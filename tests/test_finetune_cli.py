@@ -157,10 +157,10 @@ def test_invoke_task_forwards_the_flags(monkeypatch):
     seen = []
     monkeypatch.setattr(cli, "finetune_main", lambda argv: seen.append(argv) or 0)
     tasks.finetune(invoke.Context(), model="tiny", distributed=True, deepspeed=True, nproc=2, gpus=2,
-                   expect="gpu_model=H100,gpus=2", jobs=2)
-    tasks.finetune(invoke.Context(), list=True)
-    assert seen == [["--model", "tiny", "--distributed", "--deepspeed", "--nproc", "2", "--gpus", "2", "--jobs", "2",
-                     "--expect", "gpu_model=H100", "--expect", "gpus=2"], ["--list-methods"]]
+                   expect=["gpu_model=H100", "gpus=2"], jobs=2)
+    tasks.finetune(invoke.Context(), list_methods=True)
+    assert seen == [["--gpus=2", "--expect=gpu_model=H100", "--expect=gpus=2", "--model=tiny", "--jobs=2",
+                     "--distributed", "--deepspeed", "--nproc=2"], ["--list-methods"]]
 
 
 def test_the_console_script_goes_through_checks_cli():
