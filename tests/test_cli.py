@@ -34,7 +34,9 @@ def assert_usage_error(proc, *needles):
 def test_healthy_run_exits_0(capsys):
     assert main(["--only", "system.os,system.disk", "--gpus", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "HEALTHY" in out and "system.os" in out
+    assert "HEALTHY (exit 0)" in out and "system.os" not in out  # passes are counted per group, not named
+    assert main(["--only", "system.os,system.disk", "--gpus", "0", "--no-progress", "--verbose"]) == 0
+    assert "system.os" in capsys.readouterr().out
 
 
 def test_unhealthy_run_exits_1(capsys):
