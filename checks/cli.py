@@ -142,6 +142,19 @@ def check_writable(flag: str, path: str | None) -> None:
         target.unlink()
 
 
+def check_prom_owner(path: str | None, title: str) -> None:
+    """verify and finetune write different metric families; neither overwrites a file the other wrote (two
+    commands taking turns on one file would hide each other's state from node_exporter)."""
+    if not path:
+        return
+    from checks.report.prom import check_prom_target
+
+    try:
+        check_prom_target(path, title)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def resolve(args) -> tuple[Stack, bool]:
     """The stack to verify against and whether it came from a node manifest."""
     if args.stack and args.manifest:
@@ -228,6 +241,7 @@ def run(argv: list[str]) -> int:
         raise UsageError("--only/--skip leave no check to run")
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
+    check_prom_owner(args.prom, PROG)
     stack, from_manifest = resolve(args)
     node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
     return execute(args, chosen, stack, from_manifest, node, title=PROG, quick=args.quick, timeout_s=timeout,
@@ -423,6 +437,7 @@ def run_finetune(argv: list[str]) -> int:
                          "run from the stack's virtualenv or pip install 'peftnode[verify]'")
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
+    check_prom_owner(args.prom, FINETUNE_PROG)
     stack, from_manifest = resolve(args)
     defaults = tuple((stack.data.get("finetune") or {}).get("methods") or SEED_METHODS)
     if args.list_methods:

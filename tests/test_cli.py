@@ -125,7 +125,7 @@ def test_quick_run_writes_three_valid_reports_via_invoke(tmp_path):
     cases = ET.parse(x).getroot().iter("testcase")
     assert len(list(cases)) == len(doc["results"])
     families = {f.name: f for f in text_string_to_metric_families(p.read_text())}
-    assert [s.value for s in families["peftnode_verify_healthy"].samples] == [0.0]
+    assert [s.value for s in families["peftnode_node_healthy"].samples] == [0.0]
 
 
 def test_invoke_passes_exit_2_through():
@@ -195,3 +195,17 @@ def test_a_missing_driver_is_one_root_cause_not_a_failure_per_check(tmp_path):
     assert {r["name"] for r in blocked} >= {"gpu.inventory", "gpu.ecc", "cuda.torch", "perf.gemm", "nccl.allreduce"}
     driver = next(r for r in results if r["name"] == "gpu.driver")
     assert all(driver["message"][:40] in r["message"] for r in blocked)
+
+
+def test_finetune_refuses_to_overwrite_verifys_metrics_file(tmp_path, capsys):
+    """Both commands' files belong in one textfile directory, each its own: finetune given verify's file stops
+    at exit 2 before running anything, and the file is left as verify wrote it."""
+    from checks.cli import finetune_main
+
+    prom = tmp_path / "peftnode.prom"
+    assert main(["--only", "system.os", "--gpus", "0", "--no-progress", "--prom", str(prom)]) == 0
+    before = prom.read_text()
+    assert finetune_main(["--model", "tiny", "--no-progress", "--prom", str(prom)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftnode finetune: error: --prom ") and "verify`" in err[0]
+    assert prom.read_text() == before

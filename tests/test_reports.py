@@ -1,16 +1,13 @@
-"""Tests for the report renderers: console, JSON (+ schema), JUnit, Prometheus and Markdown."""
+"""Tests for the report renderers: console, JSON (+ schema), JUnit and Markdown (Prometheus: tests/test_prom.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import stat
 from datetime import datetime, timedelta, timezone
 
 import jsonschema
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 import checks
@@ -20,7 +17,6 @@ from checks.report.console import render_console, summary_line
 from checks.report.jsonreport import load_schema, to_json_dict, write_json
 from checks.report.junit import render_junit
 from checks.report.markdown import append_step_summary, render_markdown
-from checks.report.prom import render_prom, write_prom
 from checks.result import Result, Status, Value, Verdict
 from checks.runner import run_checks
 
@@ -202,124 +198,7 @@ def test_json_round_trips_results(tmp_path):
 # --------------------------------------------------------------------------- JUnit: tests/test_junit.py
 
 
-# --------------------------------------------------------------------------- Prometheus
-
-
-def _samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        assert family.type == "gauge"
-        assert family.documentation
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            assert key not in out, f"duplicate series {key}"
-            out[key] = sample.value
-    return out
-
-
-def test_prom_values():
-    text = render_prom(_report())
-    samples = _samples(text)
-
-    def get(metric, **labels):
-        return samples[(metric, tuple(sorted(labels.items())))]
-
-    expected_codes = {r.name: int(r.status) for r in _results()}
-    for result in _results():
-        labels = {"check": result.name, "group": result.group}
-        assert get("peftnode_check_status", **labels) == expected_codes[result.name]
-        assert get("peftnode_check_ok", **labels) == (1 if result.status.healthy else 0)
-        assert get("peftnode_check_duration_seconds", **labels) == pytest.approx(result.duration_s)
-    assert get("peftnode_check_status", check="gpu.ecc[0]", group="gpu") == 4
-    assert get("peftnode_check_status", check="net.nccl", group="net") == 1
-    assert get("peftnode_check_ok", check="cuda.driver", group="cuda") == 1
-    assert get("peftnode_check_ok", check="python.torch", group="python") == 0
-
-    assert get("peftnode_check_measurement", check="gpu.count", group="gpu", name="count", unit="") == 8
-    assert get("peftnode_check_measurement", check="gpu.ecc[0]", group="gpu", name="uncorrectable", unit="errors") == 3
-    assert get("peftnode_check_measurement", check="gpu.memory", group="gpu", name="memory", unit="GiB") == 79.6
-    assert get("peftnode_check_measurement", check="storage.scratch", group="storage", name="write", unit="MB/s") == (
-        180.25
-    )
-    nan = get("peftnode_check_measurement", check="net.nccl", group="net", name="bandwidth", unit="GB/s")
-    assert nan != nan
-    measured_names = {dict(k[1])["name"] for k in samples if k[0] == "peftnode_check_measurement"}
-    assert "model" not in measured_names  # strings are not numbers
-    assert "mig" not in measured_names  # neither are bools
-    assert "version" not in measured_names
-
-    assert get("peftnode_verify_healthy") == 0
-    assert get("peftnode_verify_last_run_timestamp_seconds") == pytest.approx(STARTED.timestamp() + 3.25)
-    assert get("peftnode_verify_info", stack="cu124", version=checks.__version__) == 1
-    assert "0 pass, 1 skip, 2 warn, 3 error, 4 fail" in text
-
-
-def test_prom_healthy_report():
-    samples = _samples(render_prom(_healthy_report()))
-    assert samples[("peftnode_verify_healthy", ())] == 1
-    assert all(v == 1 for (name, _), v in samples.items() if name == "peftnode_check_ok")
-
-
-def test_prom_label_escaping():
-    odd = Result('ch"eck\\x\nz', "g", Status.PASS, "ok", measured={"v": Value(1.5, 'u"n')})
-    samples = _samples(render_prom(_report([odd])))
-    key = ("peftnode_check_status", tuple(sorted({"check": 'ch"eck\\x\nz', "group": "g"}.items())))
-    assert samples[key] == 0
-    key = (
-        "peftnode_check_measurement",
-        tuple(sorted({"check": 'ch"eck\\x\nz', "group": "g", "name": "v", "unit": 'u"n'}.items())),
-    )
-    assert samples[key] == 1.5
-
-
-def test_prom_atomic_write(tmp_path):
-    target = tmp_path / "peftnode.prom"
-    target.write_text("old content\n")
-    write_prom(_report(), target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
-    text = target.read_text()
-    assert "old content" not in text
-    assert _samples(text)[("peftnode_verify_healthy", ())] == 0
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
-    write_prom(_healthy_report(), target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
-    assert _samples(target.read_text())[("peftnode_verify_healthy", ())] == 1
-
-
-def test_prom_file_is_world_readable_under_a_strict_umask(tmp_path):
-    old = os.umask(0o077)
-    try:
-        target = write_prom(_report(), tmp_path / "peftnode.prom")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o644
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
-
-
-def test_prom_one_series_per_check_even_when_a_name_repeats():
-    first = Result("gpu.ecc[0]", "gpu", Status.PASS, "0 errors", measured={"n": Value(0)})
-    again = Result("gpu.ecc[0]", "gpu", Status.FAIL, "3 errors", measured={"n": Value(3)})
-    samples = _samples(render_prom(_report([first, again])))  # _samples fails on a duplicate series
-    labels = (("check", "gpu.ecc[0]"), ("group", "gpu"))
-    assert samples[("peftnode_check_status", labels)] == 4  # the worst of the two stands
-    assert samples[("peftnode_check_measurement", (*labels, ("name", "n"), ("unit", "")))] == 3
-    assert samples[("peftnode_verify_healthy", ())] == 0
-
-
-def test_prom_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
-    target = tmp_path / "peftnode.prom"
-    target.write_text("old content\n")
-
-    def boom(src, dst):
-        raise OSError("disk full")
-
-    # prometheus_client's write_to_textfile renames its temp file over the target (os.rename on POSIX)
-    monkeypatch.setattr(os, "rename", boom)
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        write_prom(_report(), target)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peftnode.prom"]
-    assert target.read_text() == "old content\n"
+# --------------------------------------------------------------------------- Prometheus: tests/test_prom.py
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -438,7 +317,6 @@ def test_blocked_checks_count_as_one_root_cause_everywhere(tmp_path):
     assert doc["blocked_by"] == {"gpu.driver": 4}
     assert doc["counts"]["skip"] == 5
     jsonschema.Draft202012Validator(load_schema()).validate(doc)
-
     # JUnit's share of this: tests/test_junit.py::test_a_root_cause_carries_its_blocked_count
 
     md = render_markdown(report)
