@@ -169,46 +169,12 @@ def resolve(args) -> tuple[Stack, bool]:
 
 
 def _progress_hook(total: int, enabled: bool):
-    """Live progress: a rich bar on a terminal, one plain line per check elsewhere (CI logs)."""
-    state = {"done": 0, "progress": None, "task": None}
-    interactive = enabled and sys.stderr.isatty()
+    """The run's display on stderr (checks/report/live.py): live on a terminal, one line per finished check and
+    per progress event elsewhere (CI logs), nothing with --no-progress. Its ``check`` and ``event`` methods are
+    the runner's hooks; ``close`` ends it."""
+    from checks.report.live import make_display
 
-    def hook(spec, results: list[Result] | None):
-        if results is None:
-            if interactive and state["progress"] is None:
-                from rich.console import Console
-                from rich.progress import (
-                    BarColumn,
-                    MofNCompleteColumn,
-                    Progress,
-                    SpinnerColumn,
-                    TextColumn,
-                    TimeElapsedColumn,
-                )
-
-                state["progress"] = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                             MofNCompleteColumn(), TimeElapsedColumn(),
-                                             console=Console(stderr=True), transient=True)
-                state["progress"].start()
-                state["task"] = state["progress"].add_task("", total=total)
-            if state["progress"] is not None:
-                state["progress"].update(state["task"], description=f"{spec.name} ({spec.title})")
-            return
-        state["done"] += 1
-        status = worst(r.status for r in results)
-        if state["progress"] is not None:
-            state["progress"].advance(state["task"])
-            if state["done"] == total:
-                state["progress"].stop()
-        elif enabled:
-            print(f"[{state['done']}/{total}] {spec.name}: {status.label} ({results[-1].duration_s:.2f} s)",
-                  file=sys.stderr, flush=True)
-
-    def close():
-        if state["progress"] is not None:
-            state["progress"].stop()
-
-    return hook, close
+    return make_display(total, enabled)
 
 
 def list_checks(specs) -> None:
@@ -252,15 +218,29 @@ def run(argv: list[str]) -> int:
 
 def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str, options: dict,
             report_options: dict, quick: bool = False, timeout_s: float | None = None, jobs: int = DEFAULT_JOBS) -> int:
-    """Run the chosen checks, render and write the reports; the exit code (0 healthy, 1 unhealthy)."""
+    """Run the chosen checks, render and write the reports; the exit code (0 healthy, 1 unhealthy, 130 when
+    Ctrl-C interrupted the run: the reports then hold what finished and ``skip: interrupted`` for the rest)."""
+    from checks.registry import INTERRUPTED
+    from checks.runner import RunInterrupted
+
     ctx = Context(stack.data, node, quick=quick, options=options)
     started = datetime.now(timezone.utc)
-    hook, close = _progress_hook(len(chosen), not args.no_progress)
+    display = _progress_hook(len(chosen), not args.no_progress)
+    interrupted = False
     try:
-        results = run_checks(chosen, ctx, timeout_s=timeout_s, progress=hook, jobs=jobs)
+        results = run_checks(chosen, ctx, timeout_s=timeout_s, progress=display.check, events=display.event,
+                             jobs=jobs)
+    except RunInterrupted as stop:
+        results, interrupted = stop.results, True
     finally:
-        close()
+        display.close()
     finished = datetime.now(timezone.utc)
+    if interrupted:
+        kept: list[Result] = [r for r in results if r.message != INTERRUPTED]
+        so_far = f" (worst so far: {worst(r.status for r in kept).label})" if kept else ""
+        print(f"{title}: interrupted: writing the reports with the {len(kept)} result(s) that finished{so_far}, "
+              f"the rest skip 'interrupted' (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        report_options = {**report_options, "interrupted": True}
 
     from checks.system import host_facts
 
@@ -275,7 +255,7 @@ def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str
         title=title,
     )
     write_reports(report, args)
-    return report.exit_code
+    return 130 if interrupted else report.exit_code  # 128 + SIGINT, as a shell reports it
 
 
 def write_reports(report: Report, args) -> None:
@@ -309,7 +289,9 @@ def write_reports(report: Report, args) -> None:
 
 
 def guarded(run_fn, argv: list[str] | None, prog: str) -> int:
-    """Run a CLI body: usage and configuration errors become one line on stderr and exit 2."""
+    """Run a CLI body: usage and configuration errors become one line on stderr and exit 2; Ctrl-C exits 130
+    (during a run, ``execute`` first writes the reports with what finished; outside one, or a second Ctrl-C
+    while they are written, ends here)."""
     try:
         return run_fn(sys.argv[1:] if argv is None else argv)
     except (UsageError, StackError) as exc:

@@ -62,7 +62,7 @@ from checks.figures import (
     transfer_gbps,
 )
 from checks.node import PerfExpect
-from checks.registry import Context, check
+from checks.registry import Context, check, current_progress
 from checks.result import GpuId, Status, Value, Verdict
 from checks.timing import cuda_status, first_line, judge_no_cuda, time_per_op
 
@@ -393,13 +393,27 @@ def probe_gpus(bench: str | Bench, quick: bool, *, devices: list[Device] | None 
     as the benchmark says. ``devices`` (CPU stand-ins) and ``settings`` replace the GPUs and sizes in tests."""
     b = BENCHES[bench] if isinstance(bench, str) else bench
     s = settings or settings_for(quick)
+    emit = current_progress()  # the check's, taken in its thread and handed to the per-GPU threads
     if devices is None:
         usable, count, reason = cuda_status()
         if not usable:
             return PerfProbe(False, reason)
         devices = cuda_devices(count)
+
+    def measured(d: Device) -> GpuSample:
+        if not b.concurrent:
+            emit(f"gpu{d.index}: measuring", key=f"gpu{d.index}")
+        sample = measure_one(b, d, s)
+        figures = ", ".join(f"{METRICS[k].label} {v:.1f} {METRICS[k].unit}" for k, v in sample.values.items()
+                            if k in METRICS and isinstance(v, (int, float)))
+        emit(f"gpu{d.index}: {figures or 'done'}" + (f"; failed: {sample.error}" if sample.error else ""),
+             key=f"gpu{d.index}", final=True)
+        return sample
+
+    if b.concurrent and len(devices) > 1:
+        emit(f"{b.what} on {len(devices)} GPUs at once")
     try:
-        samples = on_devices(devices, lambda d: measure_one(b, d, s), b.concurrent)
+        samples = on_devices(devices, measured, b.concurrent)
     finally:
         if any(d.handle.type == "cuda" for d in devices):  # once, after every thread is done: frees synchronise
             import torch

@@ -10,12 +10,23 @@ Dependencies: ``needs=("gpu.driver",)`` makes a check wait for those checks and 
 ``skip: blocked by gpu.driver (<its message>)`` when one of them failed or errored, so a run counts one
 root cause, not every check it took down. ``needs_gpus=True`` skips the check on a node expected to
 have no GPUs. A dependency that is not part of the run (``--only``) does not block.
+
+Progress: a check says what it is doing with ``ctx.progress("step 12/30 loss 5.91", done=12, total=30,
+key="lora")`` wherever it runs (the runner's process, a shared or isolated worker, any thread of either);
+code below a check that has no ``ctx`` (a probe) calls :func:`current_progress` in the check's thread.
+Where nobody listens (a test calling the check directly) it does nothing. ``ctx.interrupted`` is set when
+the run is interrupted (Ctrl-C): a check that supervises long work of its own (the fine-tune) stops it and
+reports what it did not finish as ``skip`` with the message :data:`INTERRUPTED`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +39,7 @@ CHECK_MODULES = (
 )
 
 DEFAULT_TIMEOUT_S = 120.0
+INTERRUPTED = "interrupted"  # the message of a check (or part of one) that an interrupted run did not finish
 
 
 class UsageError(Exception):
@@ -65,19 +77,93 @@ class CheckSpec:
         return getattr(importlib.import_module(module), func)
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One progress event of a running check.
+
+    ``key`` names what inside the check it is about (a method, a GPU, a rank): displays keep the latest
+    event per key. ``done``/``total`` with ``0 < done < total`` make it a *step*, which a log may thin out
+    (start, finish and plain messages are never thinned). ``final``: the last event of its key."""
+
+    message: str
+    done: float | None = None
+    total: float | None = None
+    key: str | None = None
+    final: bool = False
+
+    @property
+    def step(self) -> bool:
+        return (not self.final and self.done is not None and self.total is not None
+                and 0 < self.done < self.total)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Progress:
+        return cls(str(data.get("message", "")), data.get("done"), data.get("total"), data.get("key"),
+                   bool(data.get("final")))
+
+
+ProgressSink = Callable[[Progress], None]
+_CURRENT: ContextVar[ProgressSink | None] = ContextVar("peftnode_progress", default=None)
+
+
+def _emit(sink: ProgressSink | None, message: str, done, total, key, final) -> None:
+    if sink is None:
+        return
+    try:
+        sink(Progress(message, done, total, key, final))
+    except Exception:  # showing progress must never fail a check
+        pass
+
+
+def current_progress() -> Callable[..., None]:
+    """``emit(message, *, done=None, total=None, key=None, final=False)`` for the check running in this
+    thread (a no-op outside one). Call it in the check's thread and hand the function to threads it starts."""
+    sink = _CURRENT.get()
+
+    def emit(message: str, *, done=None, total=None, key: str | None = None, final: bool = False) -> None:
+        _emit(sink, message, done, total, key, final)
+
+    return emit
+
+
+@contextmanager
+def progress_to(sink: ProgressSink | None) -> Iterator[None]:
+    """Within the block, :func:`current_progress` in this thread reports to ``sink`` (the runner and the
+    workers set it around each check)."""
+    token = _CURRENT.set(sink)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 @dataclass
 class Context:
     """What every check may read: the stack, this node's expectations and the run's options.
-    Plain data only, so it crosses into worker processes as JSON."""
+    Plain data only, so it crosses into worker processes as JSON (``sink`` and ``interrupted`` stay in the
+    process: each side binds its own)."""
 
     stack: dict
     node: Node = field(default_factory=Node)
     quick: bool = False
     options: dict = field(default_factory=dict)
+    sink: ProgressSink | None = field(default=None, repr=False, compare=False)
+    interrupted: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.node, dict):  # a plain node: mapping (tests, callers building a context by hand)
             self.node = Node.from_dict(self.node)
+
+    def progress(self, message: str, *, done=None, total=None, key: str | None = None, final: bool = False) -> None:
+        """Tell the run what this check is doing now (thread-safe; nothing happens where nobody listens)."""
+        _emit(self.sink, message, done, total, key, final)
+
+    def bound(self, sink: ProgressSink | None, interrupted: threading.Event | None = None) -> Context:
+        """This context for one check: its progress goes to ``sink``."""
+        return dataclasses.replace(self, sink=sink, interrupted=interrupted or self.interrupted)
 
     def to_dict(self) -> dict:
         return {"stack": self.stack, "node": self.node.to_dict(), "quick": self.quick, "options": self.options}

@@ -14,24 +14,45 @@ How a run is laid out:
   run beside one another, so one's load cannot skew another's figures;
 - results come back in the order the checks were given, whatever order they finished in.
 
+Progress inside a check (``ctx.progress``, see :mod:`checks.registry`) reaches the run's ``events`` hook
+from wherever the check runs: directly from the runner's threads, and from a worker as ``{"progress": ...}``
+lines that :class:`WorkerClient` forwards while it waits for the reply.
+
+Ctrl-C (KeyboardInterrupt in the thread that called :meth:`Run.execute`): no further check starts,
+``ctx.interrupted`` is set for the checks still running, every worker is closed and every process the run
+started is killed with its tree (shared and isolated workers, fine-tune workers, torchrun, commands of
+in-process checks). Running checks get a few seconds to return; what finished before the interrupt is
+kept as it is, the rest becomes ``skip: interrupted`` (a check that reported the interrupt itself, like
+the fine-tune keeping its finished methods, keeps its own results). :class:`RunInterrupted` (a
+KeyboardInterrupt) carries those results to the caller, which writes the reports.
+
 Every child process goes through :mod:`checks.proc` (deadline, tree kill, exit description).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import queue
+import signal
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from checks import proc
-from checks.registry import DEFAULT_TIMEOUT_S, CheckSpec, Context
+from checks.registry import DEFAULT_TIMEOUT_S, INTERRUPTED, CheckSpec, Context, Progress, progress_to
 from checks.result import GpuId, Result, Status, Value, Verdict, worst
 
+try:  # as in checks.proc: a bare node's system Python may lack it
+    import psutil
+except ImportError:  # pragma: no cover
+    psutil = None
+
 ProgressHook = Callable[[CheckSpec, "list[Result] | None"], None]  # before (None) and after each check
+EventHook = Callable[[CheckSpec, Progress], None]  # a running check's progress events
+INTERRUPT_GRACE_S = 5.0  # how long running checks may take to return once the run is interrupted
 DEFAULT_JOBS = 6
 BLOCKED_PREFIX = "blocked by "  # a skip whose dependency failed: "blocked by gpu.driver (its message)"
 CRASH_HINT = ("This is a bug in the check or an unexpected system state; rerun it alone "
@@ -52,10 +73,28 @@ def _error(spec: CheckSpec, message: str, started: float, remediation: str | Non
                   duration_s=time.monotonic() - started)
 
 
+def interrupted_result(spec: CheckSpec) -> Result:
+    return Result(spec.name, spec.group, Status.SKIP, INTERRUPTED)
+
+
+def reports_interrupt(results: list[Result]) -> bool:
+    """The check noticed the interrupt itself and said which of its parts did not finish."""
+    return any(r.status == Status.SKIP and r.message == INTERRUPTED for r in results)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``results`` holds what finished and ``skip: interrupted`` for the rest."""
+
+    def __init__(self, results: list[Result]):
+        super().__init__(INTERRUPTED)
+        self.results = results
+
+
 def run_in_process(spec: CheckSpec, ctx: Context) -> list[Result]:
     started = time.monotonic()
     try:
-        verdicts = verdicts_of(spec.load()(ctx))
+        with progress_to(ctx.sink):
+            verdicts = verdicts_of(spec.load()(ctx))
     except Exception as exc:
         tb = traceback.extract_tb(exc.__traceback__)[-1]
         return [_error(spec, f"check crashed: {type(exc).__name__}: {exc} (at {Path(tb.filename).name}:{tb.lineno})",
@@ -104,7 +143,7 @@ class WorkerClient:
 
     def _dead(self, spec: CheckSpec, started: float, timed_out: bool, timeout_s: float) -> list[Result]:
         if self.process is None:  # closed under it: the run was interrupted
-            return [_error(spec, "not finished: the run was interrupted", started)]
+            return [interrupted_result(spec)]
         if not timed_out:  # its pipe closed: let it finish dying so its exit status is known
             self.process.wait(proc.KILL_WAIT_S)
         ex = self.process.finish(timed_out=timed_out)
@@ -129,8 +168,14 @@ class WorkerClient:
             process.send({"spec": dataclasses.asdict(spec), "context": ctx.to_dict()})
         except (BrokenPipeError, OSError):
             return self._dead(spec, started, False, timeout_s)
+        deadline = started + timeout_s
         try:
-            reply = process.receive(timeout_s)
+            while True:
+                reply = process.receive(max(0.0, deadline - time.monotonic()))
+                if reply is None or "progress" not in reply:
+                    break
+                if ctx.sink is not None:  # a progress line before the reply: on to the run's display
+                    ctx.progress(**Progress.from_dict(reply["progress"]).to_dict())
         except TimeoutError:
             return self._dead(spec, started, True, timeout_s)
         except BaseException:
@@ -202,11 +247,13 @@ class Run:
     """One run of a list of checks (see the module docstring)."""
 
     def __init__(self, specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | None = None,
-                 progress: ProgressHook | None = None, jobs: int = DEFAULT_JOBS, fresh_workers: bool = False):
+                 progress: ProgressHook | None = None, jobs: int = DEFAULT_JOBS, fresh_workers: bool = False,
+                 events: EventHook | None = None):
         self.specs = list(specs)
         self.ctx = ctx
         self.timeout_s = timeout_s
         self.progress = progress
+        self.events = events
         self.jobs = max(1, jobs)
         self.fresh_workers = fresh_workers
         self.workers: dict[str, WorkerClient] = {}
@@ -215,13 +262,27 @@ class Run:
         self.done: dict[str, threading.Event] = {s.name: threading.Event() for s in self.specs}
         self.results: dict[str, list[Result]] = {}
         self.root: dict[str, str] = {}  # check -> the failed check that blocked it (itself when it failed)
-        self.cancelled = threading.Event()
+        self.cancelled = threading.Event()  # the run was interrupted (the checks see it as ctx.interrupted)
         self.isolated: set[WorkerClient] = set()
 
     def _hook(self, spec: CheckSpec, results: list[Result] | None) -> None:
         if self.progress:
             with self.hook_lock:
                 self.progress(spec, results)
+
+    def _sink(self, spec: CheckSpec):
+        """Where ``spec``'s progress goes: the run's events hook, one event at a time, none once it finished."""
+        if self.events is None:
+            return None
+        finished = self.done[spec.name]
+
+        def sink(event: Progress) -> None:
+            if finished.is_set():
+                return
+            with self.hook_lock:
+                self.events(spec, event)
+
+        return sink
 
     def _blocked(self, spec: CheckSpec) -> Result | None:
         for dep in spec.needs:
@@ -248,23 +309,28 @@ class Run:
         if blocked is not None:
             return [blocked]
         if self.cancelled.is_set():
-            return [Result(spec.name, spec.group, Status.SKIP, "not run: the run was interrupted")]
+            return [interrupted_result(spec)]
         timeout = effective_timeout(spec, self.timeout_s)
+        ctx = self.ctx.bound(self._sink(spec), self.cancelled)
         with self.gpu_lock if spec.exclusive else _NO_LOCK:
+            if self.cancelled.is_set():  # interrupted while it waited for the GPUs
+                return [interrupted_result(spec)]
             self._hook(spec, None)
             if spec.worker and not self.fresh_workers:
                 client = self.workers[spec.worker]
                 with client.lock:
-                    return client.call(spec, self.ctx, timeout)
+                    return client.call(spec, ctx, timeout)
             if spec.out_of_process:
-                return run_isolated(spec, self.ctx, timeout, self.isolated, self.hook_lock)
-            return run_in_process(spec, self.ctx)
+                return run_isolated(spec, ctx, timeout, self.isolated, self.hook_lock)
+            return run_in_process(spec, ctx)
 
     def _task(self, spec: CheckSpec) -> None:
         try:
             got = self._execute(spec)
         except BaseException as exc:  # never leave dependants waiting
             got = [Result(spec.name, spec.group, Status.ERROR, f"runner failed: {type(exc).__name__}: {exc}")]
+        if self.cancelled.is_set() and not reports_interrupt(got):
+            got = [interrupted_result(spec)]  # ended by the interrupt (its worker killed): not a result
         self.results[spec.name] = got
         if worst(r.status for r in got) >= Status.ERROR:
             self.root[spec.name] = spec.name
@@ -275,28 +341,125 @@ class Run:
         self.done[spec.name].set()
         self._hook(spec, got)
 
+    def _serve(self, todo: queue.SimpleQueue, left: list[int], all_done: threading.Event) -> None:
+        try:
+            while not self.cancelled.is_set():
+                try:
+                    spec = todo.get_nowait()
+                except queue.Empty:
+                    return
+                self._task(spec)
+        finally:
+            with self.hook_lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    all_done.set()
+
+    def _interrupt(self, spared: set[int]) -> None:
+        """Stop starting checks, tell the running ones, and end every process the run started."""
+        self.cancelled.set()
+        for event in self.done.values():  # a check waiting for one that will never run: let it see the interrupt
+            event.set()
+        with self.hook_lock:
+            live = [*self.workers.values(), *self.isolated]
+        for client in live:
+            client.close()
+        end_children(spared)
+
+    def _collect(self) -> list[Result]:
+        return [r for s in self.specs for r in (self.results.get(s.name) or [interrupted_result(s)])]
+
     def execute(self) -> list[Result]:
         for spec in self.specs:
             if spec.worker and spec.worker not in self.workers:
                 self.workers[spec.worker] = WorkerClient(spec.worker)
-        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="peftnode-check")
+        todo: queue.SimpleQueue[CheckSpec] = queue.SimpleQueue()
+        for spec in _ordered(self.specs):
+            todo.put(spec)
+        spared = _child_pids()  # what this process had started before the run is not the run's to end
+        # Daemon threads: a check that ignores the interrupt cannot keep the process from exiting. Waited for
+        # through an Event, not Thread.join: a join that Ctrl-C interrupts can leave the thread marked as
+        # ended while it still runs (CPython's bpo-45274 handling), and its results would be lost.
+        count = min(self.jobs, len(self.specs))
+        left, all_done = [count], threading.Event()
+        threads = [threading.Thread(target=self._serve, args=(todo, left, all_done), name=f"peftnode-check-{i}",
+                                    daemon=True) for i in range(count)]
+        if not threads:
+            all_done.set()
         try:
-            futures = [pool.submit(self._task, s) for s in _ordered(self.specs)]
-            for f in futures:
-                f.result()
+            for t in threads:
+                t.start()
+            while not all_done.wait(0.2):
+                pass
+        except KeyboardInterrupt:
+            self._interrupt(spared)
+            try:
+                all_done.wait(INTERRUPT_GRACE_S)
+            except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for them
+                pass
+            raise RunInterrupted(self._collect()) from None
         except BaseException:
-            self.cancelled.set()
-            with self.hook_lock:
-                live = [*self.workers.values(), *self.isolated]
-            for client in live:
-                client.close()
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._interrupt(spared)
             raise
         finally:
             for client in self.workers.values():
                 client.close()
-        pool.shutdown(wait=True)
-        return [r for s in self.specs for r in self.results[s.name]]
+        return self._collect()
+
+
+def _child_pids() -> set[int]:
+    if psutil is None:
+        return set()
+    try:
+        return {p.pid for p in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def end_children(spared: set[int] = frozenset()) -> list[int]:
+    """SIGKILL every process this one started (its direct children but ``spared``) with their trees: their
+    process groups, their descendants and processes still carrying their :mod:`checks.proc` token
+    (re-parented ranks). Returns the pids signalled. Without psutil: nothing (the workers' own close()
+    still kills their process groups)."""
+    if psutil is None:
+        return []
+    try:
+        roots = [p for p in psutil.Process().children() if p.pid not in spared]
+    except psutil.Error:
+        return []
+    members: dict[int, psutil.Process] = {}
+    tokens: set[str] = set()
+    for root in roots:
+        members[root.pid] = root
+        try:
+            tokens.add(root.environ().get(proc.TOKEN_ENV) or "")
+        except (psutil.Error, OSError):
+            pass
+        try:
+            for p in root.children(recursive=True):
+                members[p.pid] = p
+        except psutil.Error:
+            pass
+    for token in tokens - {""}:
+        for p in proc._carrying(token):
+            members.setdefault(p.pid, p)
+    own_group = os.getpgrp()
+    for p in members.values():
+        try:
+            group = os.getpgid(p.pid)
+            if group != own_group:
+                os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    # Not psutil.wait_procs: it would reap our own children under their Popen objects. A zombie holds nothing.
+    deadline = time.monotonic() + proc.KILL_WAIT_S
+    while any(proc._running(p) for p in members.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return sorted(members)
 
 
 class _NoLock:
@@ -312,8 +475,10 @@ _NO_LOCK = _NoLock()
 
 def run_checks(specs: Iterable[CheckSpec], ctx: Context, *, timeout_s: float | None = None,
                progress: ProgressHook | None = None, jobs: int = DEFAULT_JOBS,
-               fresh_workers: bool = False) -> list[Result]:
-    return Run(specs, ctx, timeout_s=timeout_s, progress=progress, jobs=jobs, fresh_workers=fresh_workers).execute()
+               fresh_workers: bool = False, events: EventHook | None = None) -> list[Result]:
+    """Run the checks; their results in the given order. Raises :class:`RunInterrupted` on Ctrl-C."""
+    return Run(specs, ctx, timeout_s=timeout_s, progress=progress, jobs=jobs, fresh_workers=fresh_workers,
+               events=events).execute()
 
 
 def is_blocked(result: Result) -> bool:

@@ -4,13 +4,14 @@
 PEFT promises (trainable adapter only, loss falls, adapter-only save, reload, merge, disable,
 generate), one verdict per method. The methods run in worker processes (one per GPU; see
 :mod:`checks.finetune.pool`), each under its own timeout, so a method that hangs or crashes fails
-alone; the check itself only supervises them and runs in the runner's process.
+alone; the check itself only supervises them and runs in the runner's process. It reports progress
+(``ctx.progress``: each method started, its training steps with the loss, its outcome) and, when the run
+is interrupted, keeps the methods that finished and reports the others ``skip: interrupted``.
 
 Options read from the run's context (``ctx.options``), all optional:
 ``model`` (tiny, random:bloomz-560m or a directory; default the stack's ``model.path``),
 ``methods`` (names or ``all``; default the stack's ``finetune.methods``), ``steps``,
-``method_timeout`` (seconds per method), ``allow_download``, ``workers``, ``progress`` (a line per
-finished method on stderr).
+``method_timeout`` (seconds per method), ``allow_download``, ``workers``.
 
 ``finetune.distributed`` fine-tunes LoRA with DDP across the node's GPUs (torchrun, NCCL) and checks
 that every rank finishes, the loss falls and the adapters stay identical on every rank;
@@ -23,8 +24,6 @@ Importing this package is cheap: torch is imported only by the workers and the t
 """
 
 from __future__ import annotations
-
-import sys
 
 from checks.registry import Context, check
 from checks.result import Status, Value, Verdict
@@ -64,19 +63,6 @@ def settings_from(ctx: Context) -> dict:
     return {"model": spec, "methods": names, "steps": int(options.get("steps") or DEFAULT_STEPS),
             "timeout_s": float(options.get("method_timeout") or DEFAULT_TIMEOUT_S),
             "workers": int(options["workers"]) if options.get("workers") else None}
-
-
-def progress_printer(total: int):
-    """One line per finished method on stderr (``invoke finetune`` without --no-progress)."""
-    done = {"n": 0}
-
-    def show(verdict: Verdict) -> None:
-        done["n"] += 1
-        wall = verdict.measured.get("wall_s")
-        took = f" ({wall.value:.2f} s)" if wall and isinstance(wall.value, (int, float)) else ""
-        print(f"  [{done['n']}/{total}] {verdict.subject}: {verdict.status.label}{took}", file=sys.stderr, flush=True)
-
-    return show
 
 
 def missing_model_verdict(spec) -> Verdict:
@@ -124,9 +110,8 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
                         remediation="Fix the stack's finetune.methods / model.path or the options given.")]
     if s["model"].missing():
         return [missing_model_verdict(s["model"])]
-    progress = progress_printer(len(s["methods"])) if (ctx.options or {}).get("progress") else None
     run = run_methods(s["methods"], s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
-                      max_workers=s["workers"], progress=progress)
+                      max_workers=s["workers"], progress=ctx.progress, cancelled=ctx.interrupted)
     workers = worker_verdict(run)
     return run.verdicts + ([workers] if workers else [])
 

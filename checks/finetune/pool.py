@@ -11,6 +11,11 @@ gets its worker's process tree killed and is reported ``fail`` (``timeout``); a 
 dies is reported ``error`` (``crash``) with the signal and the worker's last log line. Either way the
 slot starts a fresh worker for the next method, so one bad method never takes the others down.
 Workers are started and ended through :mod:`checks.proc`. Nothing here imports torch.
+
+Progress (``progress``, called like ``ctx.progress``): a worker starting and ready, each method started,
+its training steps as the worker reports them (``lora: step 12/30 loss 5.912``) and its outcome
+(``[1/3] lora: pass (2.31 s)``). ``cancelled`` (the run's Ctrl-C): every worker's tree is killed at once,
+methods that finished keep their verdicts, the others are ``skip: interrupted``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from checks import proc
 from checks.finetune import verdict as V
 from checks.finetune.model import ModelSpec
+from checks.registry import INTERRUPTED
 from checks.result import Status, Verdict
 
 DEFAULT_STEPS = 30
@@ -114,7 +120,7 @@ class WorkerProcess:
 
     def receive(self, timeout_s: float) -> dict:
         try:
-            reply = self.process.receive(timeout_s)
+            reply = self.process.receive(max(0.0, timeout_s))
         except TimeoutError as exc:
             raise WorkerTimeout(str(exc)) from None
         if reply is None:
@@ -145,11 +151,18 @@ class PoolRun:
     wall_s: float = 0.0
 
 
+def _quiet(message: str, **fields) -> None:
+    pass
+
+
 def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEPS,
                 timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float | None = None, lr: float | None = None,
-                max_workers: int | None = None, progress: Callable[[Verdict], None] | None = None) -> PoolRun:
+                max_workers: int | None = None, progress: Callable[..., None] | None = None,
+                cancelled: threading.Event | None = None) -> PoolRun:
     """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method)."""
     started = time.monotonic()
+    emit = progress or _quiet
+    cancelled = cancelled or threading.Event()
     start_timeout_s = start_timeout_s or max(timeout_s, 300.0)
     hint = V.rerun_hint(model.name)
     slots = worker_slots(len(names), model, max_workers)
@@ -165,18 +178,29 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
         with lock:
             verdicts[verdict.subject] = verdict
             run.details[verdict.subject] = details
-        if progress:
-            progress(verdict)
+            count = len(verdicts)
+        wall = verdict.measured.get("wall_s")
+        took = f" ({wall.value:.2f} s)" if wall is not None and isinstance(wall.value, (int, float)) else ""
+        emit(f"[{count}/{len(names)}] {verdict.subject}: {verdict.status.label}{took}", key=verdict.subject,
+             final=True)
+
+    def interrupted(name: str) -> None:
+        record(Verdict(Status.SKIP, INTERRUPTED, subject=name), {})
 
     def fail(name: str, status: Status, assertion: str, message: str, elapsed: float) -> None:
         outcome = V.failure(name, status, assertion, message, elapsed)
         record(outcome.verdict(hint), outcome.details())
 
-    def start(slot: Slot) -> WorkerProcess:
+    def start(index: int, slot: Slot) -> WorkerProcess:
+        where = f"GPU {slot.gpu}" if slot.gpu is not None else "the CPU" + (f", {slot.threads} thread(s)"
+                                                                            if slot.threads else "")
+        emit(f"worker {index}: starting on {where}", key=f"worker {index}")
         worker = WorkerProcess(slot, model.allow_download)
         with lock:
             live.add(worker)
         try:
+            if cancelled.is_set():  # the run was interrupted while this one started: it is not closed yet
+                raise WorkerDied(INTERRUPTED)
             worker.hello = _expect(worker.receive(start_timeout_s), "hello")
             worker.send({"op": "load", "model": model.to_dict()})
             reply = worker.receive(start_timeout_s)
@@ -188,14 +212,31 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
             raise
         with lock:
             run.workers.append({"gpu": slot.gpu, **worker.hello, **worker.loaded})
+        emit(f"worker {index}: ready (imports {worker.hello.get('import_s', 0):.1f} s, model "
+             f"{worker.loaded.get('load_s', 0):.1f} s)", key=f"worker {index}", final=True)
         return worker
+
+    def run_one(worker: WorkerProcess, name: str) -> dict:
+        """Send the method, pass its step reports on, return its result (or error) reply."""
+        emit(f"{name}: started", done=0, total=steps, key=name)
+        worker.send({"op": "run", "method": name, "steps": steps, "lr": lr})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = worker.receive(deadline - time.monotonic())
+            if reply.get("event") != "step":
+                return reply
+            loss = reply.get("loss")
+            said = f" loss {loss:.3f}" if isinstance(loss, (int, float)) else ""
+            emit(f"{name}: step {reply.get('step')}/{reply.get('steps')}{said}", done=reply.get("step"),
+                 total=reply.get("steps"), key=name)
 
     def stop(worker: WorkerProcess) -> None:
         worker.close()
         with lock:
             live.discard(worker)
 
-    def drain(first: str, message: str) -> None:
+    def drain(first: str, message: str | None) -> None:
+        """``first`` and every method not handed out yet: failed with ``message``, or interrupted (None)."""
         pending = [first]
         while True:
             try:
@@ -203,7 +244,10 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
             except queue.Empty:
                 break
         for name in pending:
-            fail(name, Status.ERROR, "worker_start", message, 0.0)
+            if message is None:
+                interrupted(name)
+            else:
+                fail(name, Status.ERROR, "worker_start", message, 0.0)
 
     def slot_loop(index: int, slot: Slot) -> None:
         worker: WorkerProcess | None = None
@@ -216,15 +260,21 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
                     name = todo.get_nowait()
                 except queue.Empty:
                     return
+                if cancelled.is_set():
+                    drain(name, None)
+                    return
                 t0 = time.monotonic()
                 if worker is None:
                     try:
-                        worker = start(slot)
+                        worker = start(index, slot)
                         start_failures = 0
                     except LoadFailed as exc:
                         drain(name, f"the model could not be loaded: {exc}")
                         return
                     except (WorkerDied, WorkerTimeout) as exc:
+                        if cancelled.is_set():
+                            drain(name, None)
+                            return
                         start_failures += 1
                         message = f"the worker could not start: {exc}"
                         if start_failures >= MAX_START_FAILURES:
@@ -234,23 +284,22 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
                         continue
                 t0 = time.monotonic()
                 try:
-                    worker.send({"op": "run", "method": name, "steps": steps, "lr": lr})
-                    reply = worker.receive(timeout_s)
-                except WorkerTimeout:
+                    reply = run_one(worker, name)
+                except (WorkerDied, WorkerTimeout) as exc:
                     stop(worker)
                     worker = None
+                    if cancelled.is_set():  # killed by the interrupt: not the method's failure
+                        drain(name, None)
+                        return
                     with lock:
                         run.restarts += 1
-                    fail(name, Status.FAIL, "timeout", f"timed out after {timeout_s:g} s; its worker was killed and "
-                                                       f"a fresh one runs the next method", time.monotonic() - t0)
-                    continue
-                except WorkerDied as exc:
-                    stop(worker)
-                    worker = None
-                    with lock:
-                        run.restarts += 1
-                    fail(name, Status.ERROR, "crash", f"its worker died while running it ({exc}); a fresh one runs "
-                                                      f"the next method", time.monotonic() - t0)
+                    took = time.monotonic() - t0
+                    if isinstance(exc, WorkerTimeout):
+                        fail(name, Status.FAIL, "timeout", f"timed out after {timeout_s:g} s; its worker was killed "
+                                                           f"and a fresh one runs the next method", took)
+                    else:
+                        fail(name, Status.ERROR, "crash", f"its worker died while running it ({exc}); a fresh one "
+                                                          f"runs the next method", took)
                     continue
                 if reply.get("event") == "result":
                     record(V.from_dict(reply["verdict"]), reply.get("details") or {})
@@ -261,6 +310,12 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
             if worker is not None:
                 stop(worker)
 
+    def stop_all() -> None:
+        with lock:
+            leftover = list(live)
+        for worker in leftover:
+            stop(worker)
+
     threads = [threading.Thread(target=slot_loop, args=(i, slot), name=f"finetune-slot-{i}", daemon=True)
                for i, slot in enumerate(slots)]
     try:
@@ -268,15 +323,17 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
             t.start()
         for t in threads:
             while t.is_alive():
-                t.join(0.5)
+                if cancelled.is_set():  # Ctrl-C: end every worker now; their slots record the interrupt
+                    stop_all()
+                t.join(0.1 if cancelled.is_set() else 0.5)
     finally:
-        with lock:
-            leftover = list(live)
-        for worker in leftover:
-            worker.close()
+        stop_all()
     for name in names:  # anything a thread could not record (should not happen) is an error, not a gap
         if name not in verdicts:
-            fail(name, Status.ERROR, "not_run", "no worker ran this method", 0.0)
+            if cancelled.is_set():
+                interrupted(name)
+            else:
+                fail(name, Status.ERROR, "not_run", "no worker ran this method", 0.0)
     run.verdicts = [verdicts[n] for n in names]
     run.wall_s = round(time.monotonic() - started, 3)
     return run

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -208,8 +209,12 @@ def is_adapter_param(name: str, adapter: str = "default") -> bool:
     return adapter in name.split(".")
 
 
-def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None) -> MethodRun:
-    """Train ``plan``'s method for ``steps`` steps and check it. Never raises for a method's own failure."""
+OnStep = Callable[[int, int, float], None]  # (steps done, steps in all, that step's training loss)
+
+
+def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_step: OnStep | None = None) -> MethodRun:
+    """Train ``plan``'s method for ``steps`` steps and check it. Never raises for a method's own failure.
+    ``on_step`` hears of every training step as it ends (the worker sends progress from it)."""
     started = time.perf_counter()
     info = {"peft_type": plan.peft_type, "seed": plan.seed, "steps": steps, "device": env.info.get("device"),
             "notes": list(plan.notes)}
@@ -220,7 +225,7 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None) -> Met
     rec = _Record()
     lr = plan.lr if lr is None else lr
     try:
-        _run(plan, env, steps, lr, rec)
+        _run(plan, env, steps, lr, rec, on_step)
     except _Skip as skip:
         return MethodRun(plan.name, Status.SKIP, str(skip), metrics=rec.metrics, info=info)
     except Exception as exc:  # outside the guarded checks: charge it to the stage that was running
@@ -261,7 +266,7 @@ class _Skip(Exception):
     pass
 
 
-def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record) -> None:
+def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnStep | None = None) -> None:
     from peft import get_peft_model
 
     torch.manual_seed(SEED)
@@ -284,7 +289,7 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record) -> None:
     rec.stage = "loss_decreased"
     rec.metrics["loss_before"] = held_out_loss(model.eval(), env.held_out)
     rec.stage = "train"
-    trained = _train(plan, model, env, steps, lr, rec)
+    trained = _train(plan, model, env, steps, lr, rec, on_step)
     if not trained:
         rec.not_run(_applicable(plan), "training did not complete")
         return
@@ -314,7 +319,7 @@ def _applicable(plan: Plan) -> list[str]:
     return [n for n in ASSERTIONS if n != "adalora_schedule" or plan.peft_type == "ADALORA"]
 
 
-def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record) -> bool:
+def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record, on_step: OnStep | None = None) -> bool:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         rec.put("train", False, "nothing to train")
@@ -349,6 +354,8 @@ def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record) -> 
                 allocate_calls += 1
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
+            if on_step is not None:
+                on_step(step + 1, steps, losses[-1])
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
     except Exception as exc:

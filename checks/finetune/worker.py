@@ -8,7 +8,9 @@ to stderr (the parent keeps that in a log and quotes its tail when the worker di
 Requests: ``{"op": "load", "model": ModelSpec dict}``, ``{"op": "run", "method": NAME, "steps": N,
 "lr": float | null}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports), ``loaded``,
 ``result`` (the method's verdict, built here, and the assertions and figures behind it as ``details``;
-see :mod:`checks.finetune.verdict`), ``error``.
+see :mod:`checks.finetune.verdict`), ``error``. Before a ``result``, ``step`` lines report training
+(``{"event": "step", "method", "step", "steps", "loss"}``): the first and last step and at most one
+every :data:`STEP_EVERY_S` between them; the parent shows them as the method's progress.
 
 Usage: ``python -m checks.finetune.worker WORKDIR`` (scratch space the parent creates and removes).
 """
@@ -23,6 +25,8 @@ import traceback
 
 from checks import proc
 
+STEP_EVERY_S = 0.5
+
 
 def main() -> int:
     proto = proc.reply_channel()
@@ -30,6 +34,17 @@ def main() -> int:
     def reply(event: str, **fields) -> None:
         proto.write(json.dumps({"event": event, **fields}, default=str) + "\n")
         proto.flush()
+
+    def stepper(method: str):
+        last = {"at": 0.0}
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            now = time.monotonic()
+            if step in (1, steps) or now - last["at"] >= STEP_EVERY_S:
+                last["at"] = now
+                reply("step", method=method, step=step, steps=steps, loss=loss)
+
+        return on_step
 
     started = time.perf_counter()
     import warnings
@@ -78,7 +93,8 @@ def main() -> int:
                 except Exception as exc:  # a seed method's config this PEFT cannot build
                     run = R.config_failure(request["method"], exc)
                 else:
-                    run = R.run_method(plan, env, int(request["steps"]), request.get("lr"))
+                    run = R.run_method(plan, env, int(request["steps"]), request.get("lr"),
+                                       stepper(request["method"]))
                 reply("result", verdict=verdicts.to_dict(run.verdict(hint)), details=run.details())
             else:
                 raise ValueError(f"unknown request {op!r}")

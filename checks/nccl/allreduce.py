@@ -23,6 +23,7 @@ from pathlib import Path
 from checks.figures import GPU_TABLE, Expectation, ModelFigures, expected_figure, thresholds
 from checks.node import PerfExpect
 from checks.proc import Exit, Process, child_env, python_argv
+from checks.registry import current_progress
 from checks.result import Status, Value, Verdict
 from checks.timing import first_line, time_per_op
 
@@ -200,10 +201,25 @@ def probe_allreduce(ranks: int, nbytes: int, *, backend: str = "nccl", warmup: i
         procs: list[Process] = []
         exits: list[Exit] = []
         why_killed = f"killed at the deadline, {deadline_s:g} s after the start"
+        emit = current_progress()
+        ended: set[int] = set()
+
+        def report_ended() -> None:
+            for r, p in enumerate(procs):
+                if r not in ended and not p.alive():
+                    ended.add(r)
+                    got = _read_rank(out_dir, r)
+                    if got and got.get("ok") and isinstance(got.get("seconds"), (int, float)):
+                        how = f"{got['seconds'] * 1e3:.2f} ms per all-reduce"
+                    else:
+                        how = f"failed: {got.get('error', '?')}" if got else "ended without a result"
+                    emit(f"rank {r}: {how} ({len(ended)}/{ranks} done)", key=f"rank {r}", final=True)
+
         try:
             for r in range(ranks):
                 procs.append(Process(python_argv("-c", RANK_CODE, str(r), str(cfg_path), out_dir), env=env,
                                      log_path=Path(out_dir, f"rank{r}.log")))
+            emit(f"all-reduce of {nbytes / MiB:g} MiB: {ranks} {backend} ranks started", done=0, total=ranks)
             deadline = time.monotonic() + deadline_s
             while any(p.alive() for p in procs):
                 for r, p in enumerate(procs):
@@ -211,10 +227,12 @@ def probe_allreduce(ranks: int, nbytes: int, *, backend: str = "nccl", warmup: i
                     if not p.alive() and not (got and got.get("ok")) and time.monotonic() + grace_s < deadline:
                         deadline = time.monotonic() + grace_s  # its peers wait for it in a collective
                         why_killed = f"killed {grace_s:g} s after rank {r} ended without a result"
+                report_ended()
                 if time.monotonic() > deadline:
                     probe.timed_out = True
                     break
                 time.sleep(0.05)
+            report_ended()
         finally:  # also on Ctrl-C or an error here: no rank outlives the probe
             exits = [p.finish(timed_out=p.alive()) for p in procs]
         results = {r: _read_rank(out_dir, r) for r in range(len(procs))}
