@@ -255,7 +255,7 @@ def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str
         title=title,
     )
     write_reports(report, args)
-    return 130 if interrupted else report.exit_code  # 128 + SIGINT, as a shell reports it
+    return report.exit_code  # 130 when interrupted (128 + SIGINT, as a shell reports it)
 
 
 def write_reports(report: Report, args) -> None:
@@ -434,8 +434,7 @@ def run_finetune(argv: list[str]) -> int:
     wanted = [name for flag, name in ((args.distributed, DDP_CHECK), (args.deepspeed, ZERO_CHECK)) if flag]
     chosen = select(all_checks(), wanted or [METHODS_CHECK])
     options = {"model": args.model, "methods": names, "steps": steps, "method_timeout": timeout,
-               "workers": workers, "nproc": nproc, "allow_download": args.allow_download,
-               "progress": not args.no_progress}
+               "workers": workers, "nproc": nproc, "allow_download": args.allow_download}
     # The distributed checks run in a worker of their own: give it room for a torchrun deadline beyond its own.
     outer = max(CHECK_TIMEOUT_S, timeout + 300.0) if distributed and timeout else None
     steps = steps or (DIST_STEPS if distributed else DEFAULT_STEPS)

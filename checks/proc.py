@@ -327,6 +327,62 @@ def _carrying(token: str) -> list:
     return found
 
 
+def child_pids() -> set[int]:
+    """The pids of this process's direct children (empty without psutil)."""
+    if psutil is None:
+        return set()
+    try:
+        return {p.pid for p in psutil.Process().children()}
+    except psutil.Error:
+        return set()
+
+
+def end_children(spared: set[int] = frozenset()) -> list[int]:
+    """SIGKILL every process this one started (its direct children but ``spared``) with their trees: their
+    process groups, their descendants and processes still carrying their :mod:`checks.proc` token
+    (re-parented ranks). Returns the pids signalled. Without psutil: nothing (the workers' own close()
+    still kills their process groups)."""
+    if psutil is None:
+        return []
+    try:
+        roots = [p for p in psutil.Process().children() if p.pid not in spared]
+    except psutil.Error:
+        return []
+    members: dict[int, psutil.Process] = {}
+    tokens: set[str] = set()
+    for root in roots:
+        members[root.pid] = root
+        try:
+            tokens.add(root.environ().get(TOKEN_ENV) or "")
+        except (psutil.Error, OSError):
+            pass
+        try:
+            for p in root.children(recursive=True):
+                members[p.pid] = p
+        except psutil.Error:
+            pass
+    for token in tokens - {""}:
+        for p in _carrying(token):
+            members.setdefault(p.pid, p)
+    own_group = os.getpgrp()
+    for p in members.values():
+        try:
+            group = os.getpgid(p.pid)
+            if group != own_group:
+                os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    # Not psutil.wait_procs: it would reap our own children under their Popen objects. A zombie holds nothing.
+    deadline = time.monotonic() + KILL_WAIT_S
+    while any(_running(p) for p in members.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return sorted(members)
+
+
 def reply_channel():
     """The child's end of the channel: a text stream on the real stdout for its replies, while fd 1 (stray
     prints from libraries) goes to stderr, the parent's log of it."""

@@ -32,9 +32,7 @@ Every child process goes through :mod:`checks.proc` (deadline, tree kill, exit d
 from __future__ import annotations
 
 import dataclasses
-import os
 import queue
-import signal
 import threading
 import time
 import traceback
@@ -44,11 +42,6 @@ from pathlib import Path
 from checks import proc
 from checks.registry import DEFAULT_TIMEOUT_S, INTERRUPTED, CheckSpec, Context, Progress, progress_to
 from checks.result import GpuId, Result, Status, Value, Verdict, worst
-
-try:  # as in checks.proc: a bare node's system Python may lack it
-    import psutil
-except ImportError:  # pragma: no cover
-    psutil = None
 
 ProgressHook = Callable[[CheckSpec, "list[Result] | None"], None]  # before (None) and after each check
 EventHook = Callable[[CheckSpec, Progress], None]  # a running check's progress events
@@ -364,7 +357,7 @@ class Run:
             live = [*self.workers.values(), *self.isolated]
         for client in live:
             client.close()
-        end_children(spared)
+        proc.end_children(spared)
 
     def _collect(self) -> list[Result]:
         return [r for s in self.specs for r in (self.results.get(s.name) or [interrupted_result(s)])]
@@ -376,7 +369,7 @@ class Run:
         todo: queue.SimpleQueue[CheckSpec] = queue.SimpleQueue()
         for spec in _ordered(self.specs):
             todo.put(spec)
-        spared = _child_pids()  # what this process had started before the run is not the run's to end
+        spared = proc.child_pids()  # what this process had started before the run is not the run's to end
         # Daemon threads: a check that ignores the interrupt cannot keep the process from exiting. Waited for
         # through an Event, not Thread.join: a join that Ctrl-C interrupts can leave the thread marked as
         # ended while it still runs (CPython's bpo-45274 handling), and its results would be lost.
@@ -405,61 +398,6 @@ class Run:
             for client in self.workers.values():
                 client.close()
         return self._collect()
-
-
-def _child_pids() -> set[int]:
-    if psutil is None:
-        return set()
-    try:
-        return {p.pid for p in psutil.Process().children()}
-    except psutil.Error:
-        return set()
-
-
-def end_children(spared: set[int] = frozenset()) -> list[int]:
-    """SIGKILL every process this one started (its direct children but ``spared``) with their trees: their
-    process groups, their descendants and processes still carrying their :mod:`checks.proc` token
-    (re-parented ranks). Returns the pids signalled. Without psutil: nothing (the workers' own close()
-    still kills their process groups)."""
-    if psutil is None:
-        return []
-    try:
-        roots = [p for p in psutil.Process().children() if p.pid not in spared]
-    except psutil.Error:
-        return []
-    members: dict[int, psutil.Process] = {}
-    tokens: set[str] = set()
-    for root in roots:
-        members[root.pid] = root
-        try:
-            tokens.add(root.environ().get(proc.TOKEN_ENV) or "")
-        except (psutil.Error, OSError):
-            pass
-        try:
-            for p in root.children(recursive=True):
-                members[p.pid] = p
-        except psutil.Error:
-            pass
-    for token in tokens - {""}:
-        for p in proc._carrying(token):
-            members.setdefault(p.pid, p)
-    own_group = os.getpgrp()
-    for p in members.values():
-        try:
-            group = os.getpgid(p.pid)
-            if group != own_group:
-                os.killpg(group, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    # Not psutil.wait_procs: it would reap our own children under their Popen objects. A zombie holds nothing.
-    deadline = time.monotonic() + proc.KILL_WAIT_S
-    while any(proc._running(p) for p in members.values()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return sorted(members)
 
 
 class _NoLock:

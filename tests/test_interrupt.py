@@ -12,10 +12,12 @@ import textwrap
 import time
 import xml.etree.ElementTree as ET
 
+import jsonschema
 import psutil
 import pytest
 
 from checks import proc
+from checks.report.jsonreport import load_schema
 from checks.result import Status, Verdict
 from tests.conftest import ROOT
 from tests.helpers.procs import gone
@@ -137,8 +139,11 @@ def test_ctrl_c_during_the_fine_tune_keeps_the_finished_methods_and_writes_every
     for name in ("ia3", "prompt_tuning"):
         r = results[f"finetune.methods[{name}]"]
         assert (r["status"], r["message"]) == ("skip", "interrupted")
-    assert data["options"]["interrupted"] is True
+    assert data["options"]["interrupted"] is True and data["exit_code"] == 130
+    jsonschema.validate(data, load_schema())
     assert "finetune.methods[lora]" in prom.read_text()
+    assert "peftnode_finetune_node_healthy 0.0" in prom.read_text()  # an interrupted run proves nothing
+    assert "INTERRUPTED (exit 130)" in out
     cases = {c.get("name") for c in ET.parse(junit).getroot().iter("testcase")}
     assert any("lora" in c for c in cases) and any("ia3" in c for c in cases)
     assert "peftnode finetune" in out  # the console report

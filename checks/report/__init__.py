@@ -10,6 +10,7 @@ from checks.result import Result, Status, worst
 from checks.runner import blocked_roots, is_blocked  # noqa: F401  (is_blocked: re-exported for the renderers)
 
 REPORT_SCHEMA = "peftnode.verify.report/1"
+EXIT_INTERRUPTED = 130
 
 
 @dataclass
@@ -27,9 +28,24 @@ class Report:
         return worst(r.status for r in self.results)
 
     @property
+    def interrupted(self) -> bool:
+        """Ctrl-C stopped the run: the results that finished are kept, the rest skip 'interrupted'."""
+        return bool(self.options.get("interrupted"))
+
+    @property
     def exit_code(self) -> int:
-        """0 healthy (warnings allowed), 1 any fail or error."""
+        """0 healthy (warnings allowed), 1 any fail or error, 130 interrupted (128 + SIGINT, as a shell
+        reports it): an interrupted run proves nothing about the node, whatever finished before."""
+        if self.interrupted:
+            return EXIT_INTERRUPTED
         return 0 if self.status.healthy else 1
+
+    @property
+    def verdict(self) -> str:
+        """HEALTHY, UNHEALTHY or INTERRUPTED: the word every renderer shows beside the exit code."""
+        if self.interrupted:
+            return "INTERRUPTED"
+        return "HEALTHY" if self.exit_code == 0 else "UNHEALTHY"
 
     def counts(self) -> dict[str, int]:
         out = {s.label: 0 for s in Status}

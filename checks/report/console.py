@@ -70,10 +70,9 @@ def summary_parts(report: Report) -> list[str]:
     """The summary line in the pieces a narrow terminal may break it between (never inside one)."""
     total = len(report.results)
     noun = "check" if total == 1 else "checks"
-    verdict = "HEALTHY" if report.exit_code == 0 else "UNHEALTHY"
     roots = root_cause_line(report.blocked_by())
     parts = [f"{total} {noun}: {counts_text(report)}", f"in {format_duration(report.duration_s)}",
-             f"-> {verdict} (exit {report.exit_code}){';' if roots else ''}"]
+             f"-> {report.verdict} (exit {report.exit_code}){';' if roots else ''}"]
     return parts + [roots] if roots else parts
 
 
@@ -206,7 +205,7 @@ def _summary_lines(report: Report, width: int) -> list[Text]:
         else:
             lines.append(part)
     style = "bold green" if report.exit_code == 0 else "bold red"
-    if report.status == Status.WARN:
+    if report.status == Status.WARN or report.interrupted:
         style = "bold yellow"
     return [Text(line, style=style) for line in lines]
 

@@ -53,7 +53,7 @@ def _table(results: list[Result], with_remediation: bool) -> list[str]:
 def render_markdown(report: Report) -> str:
     """Heading with the overall status, a counts line, problems first, then every result folded away."""
     healthy = report.exit_code == 0
-    verdict = "HEALTHY" if healthy else "UNHEALTHY"
+    verdict = report.verdict
     icon = _ICON[Status.WARN] if healthy and report.status == Status.WARN else ("✅" if healthy else "❌")
     host = report.host.get("hostname") or "unknown host"
     stack = report.stack.get("name") or "unknown stack"

@@ -11,7 +11,7 @@ Families (``P`` is ``peftnode_`` for ``peftnode verify``, ``peftnode_finetune_``
   from the check's group and the measured key (:func:`fallback_name`).
 - ``Pcheck_status{check,gpu,UUID,pci_bus_id,state}``: 1 for the check's state, 0 for the four others.
 - ``Pcheck_duration_seconds{check,gpu,UUID,pci_bus_id}``.
-- ``Pnode_healthy``: 1 healthy (no fail, no error), else 0.
+- ``Pnode_healthy``: 1 healthy (no fail, no error), else 0 (also 0 for a run Ctrl-C interrupted).
 - ``peftnode_verify_last_run_timestamp_seconds`` / ``peftnode_finetune_last_run_timestamp_seconds``.
 - ``peftnode_verify_info{stack,version}`` / ``peftnode_finetune_info{stack,version}``: always 1.
 

@@ -66,7 +66,7 @@ def _corrupt(adapter_dir: str) -> None:
 def patch_run(module) -> None:
     real_run_method, real_check_reload = module.run_method, module._check_reload
 
-    def run_method(plan, env, steps, lr=None):
+    def run_method(plan, env, steps, lr=None, on_step=None):
         faults = FAULTS.get(plan.name, set())
         _current["method"] = plan.name
         if "hang" in faults:
@@ -75,7 +75,7 @@ def patch_run(module) -> None:
             os.abort()
         if "raise" in faults:
             raise RuntimeError("injected failure (test fault)")
-        return real_run_method(plan, env, steps, 0.0 if "zero_lr" in faults else lr)
+        return real_run_method(plan, env, steps, 0.0 if "zero_lr" in faults else lr, on_step)
 
     def check_reload(adapter_dir, *args, **kwargs):
         if "corrupt_adapter" in FAULTS.get(_current["method"], set()):
