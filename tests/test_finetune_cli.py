@@ -130,7 +130,8 @@ def test_a_saved_model_directory_through_the_runner_and_the_reports(tmp_path, ca
     assert options["model"] == str(model_dir) and options["timeout_s"] == 600 and options["distributed"] is False
     text = prom.read_text()
     assert 'check="finetune.methods[lora]"' in text and "peftnode_finetune_node_healthy 1.0" in text
-    assert 'peftnode_finetune_check_status{check="finetune.methods[lora]"' in text
+    assert any(line.startswith("peftnode_finetune_check_status{") and 'check="finetune.methods[lora]"' in line
+               and 'state="pass"' in line and line.endswith(" 1.0") for line in text.splitlines())
     assert "finetune.methods[lora]" in junit.read_text()
     captured = capsys.readouterr()
     assert "[1/3]" in captured.err and "[3/3]" in captured.err  # a line per method as it finishes
