@@ -115,9 +115,13 @@ def probe_kernel_log(timeout_s: float = 20) -> tuple[str | None, str]:
     return None, "; ".join(problems)
 
 
-@check("gpu.xid", "No critical Xid errors in the kernel log since boot", worker="nvml", needs_gpus=True,
+@check("gpu.xid", "No Xid in the kernel log since boot that NVIDIA's Xid catalog says needs a GPU reset, a reboot "
+                  "or support (application-level and unknown Xids warn)", worker="nvml", needs_gpus=True,
        timeout_s=NVML_TIMEOUT_S)
 def gpu_xid(ctx: Context):
+    """One result per GPU (its Xids with count and first/last time stamp, and its identity), plus one per
+    other PCI address that logged an Xid. NVML only names the GPUs: without it the Xids are still judged,
+    per PCI address."""
     text, source = probe_kernel_log()
     if text is None:
         return Verdict(Status.WARN, f"cannot read the kernel log ({source})", {}, {},

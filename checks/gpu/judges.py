@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from checks.gpu import xid_catalog
 from checks.gpu.nvml import GpuSnapshot, NodeSnapshot
 from checks.result import GpuId, Status, Value, Verdict
 
@@ -17,6 +18,13 @@ from checks.result import GpuId, Status, Value, Verdict
 # 10,000 correctable SRAM errors; we warn at that count over all volatile correctable errors, since
 # correctable DRAM errors alone are survivable but a rising count predicts row remaps.
 ECC_CORRECTABLE_WARN = 10_000
+# Aggregate (lifetime) counters, Azure's rules (azurehpc-health-checks customTests/azure_gpu_ecc.nhc with the
+# `check_gpu_ecc 20000000 10000` of its H100/A100 confs, fault code NHC2019): any uncorrectable SRAM error
+# -> fail (SRAM has no spare rows: RMA); correctable SRAM errors above 10,000 -> fail; DRAM errors of one
+# kind above 20,000,000 -> fail. Uncorrectable DRAM errors below that are row-remapped (A100 and newer) or
+# page-retired: gpu.memory_errors judges whether that worked.
+SRAM_CORRECTABLE_FAIL = 10_000
+DRAM_ERRORS_FAIL = 20_000_000
 # More retired pages than this -> fail (gcm's rule; NVIDIA's RMA guidance is in the same range).
 RETIRED_PAGES_FAIL = 10
 # Within this many degrees of the slowdown threshold -> warn; at or above it -> fail.
@@ -42,8 +50,7 @@ THROTTLE_BITS = {
 THROTTLE_FAIL = 0x8 | 0x20 | 0x40 | 0x80
 THROTTLE_IDLE = 0x1
 
-# XIDs that take a node out of service (Azure's list, FACTS.md).
-CRITICAL_XIDS = frozenset({48, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 74, 79, 80, 81, 92, 119, 120})
+# Xids: the policy is NVIDIA's Xid catalog, in checks/gpu/xid_catalog.py (with its source and our mapping).
 
 
 def _gpu(g: GpuSnapshot) -> str:
@@ -97,21 +104,58 @@ def judge_inventory(snap: NodeSnapshot, expected_gpus: int, expected_model: str 
 # --- per GPU -------------------------------------------------------------------------------------
 
 def judge_ecc(g: GpuSnapshot) -> Verdict:
+    """ECC mode, the volatile counters (since the driver loaded) and the aggregate ones (lifetime, in the
+    InfoROM: a reset or reboot clears the volatile counters, never these)."""
     measured = {"uncorrected_volatile": g.ecc_volatile_uncorrected, "corrected_volatile": g.ecc_volatile_corrected}
-    expected = {"ecc": "enabled", "uncorrected_volatile": 0, "corrected_volatile": f"<= {ECC_CORRECTABLE_WARN}"}
+    aggregate = {"uncorrected_aggregate": g.ecc_aggregate_uncorrected,
+                 "corrected_aggregate": g.ecc_aggregate_corrected,
+                 "sram_uncorrected_aggregate": g.ecc_aggregate_sram_uncorrected,
+                 "sram_corrected_aggregate": g.ecc_aggregate_sram_corrected,
+                 "dram_uncorrected_aggregate": g.ecc_aggregate_dram_uncorrected,
+                 "dram_corrected_aggregate": g.ecc_aggregate_dram_corrected}
+    measured.update({k: v for k, v in aggregate.items() if v is not None})
+    expected = {"ecc": "enabled", "uncorrected_volatile": 0, "corrected_volatile": f"<= {ECC_CORRECTABLE_WARN}",
+                "sram_uncorrected_aggregate": 0, "sram_corrected_aggregate": f"<= {SRAM_CORRECTABLE_FAIL}",
+                "dram_aggregate": f"<= {DRAM_ERRORS_FAIL}"}
     if g.ecc_enabled is None:
         return _v(Status.SKIP, "no ECC on this board", g)
+    problems: list[tuple[Status, str, str]] = []  # (status, what, remediation)
     if not g.ecc_enabled:
-        return _v(Status.FAIL, "ECC is disabled" + (" (enabled after reboot)" if g.ecc_pending else ""), g,
-                  measured, expected, "Enable it: `nvidia-smi -i N -e 1`, then reboot.")
+        problems.append((Status.FAIL, "ECC is disabled" + (" (enabled after reboot)" if g.ecc_pending else ""),
+                         "Enable it: `nvidia-smi -i N -e 1`, then reboot."))
+    if (g.ecc_aggregate_sram_uncorrected or 0) > 0:
+        problems.append((Status.FAIL, f"{g.ecc_aggregate_sram_uncorrected} uncorrectable SRAM ECC error(s) in the "
+                                      "GPU's lifetime (aggregate counter: a reset does not clear it)",
+                         "SRAM cannot be remapped: this GPU needs an RMA. Drain the node and open a ticket with the "
+                         f"board serial ({g.serial or 'nvidia-smi -q: Serial Number'}) and an nvidia-bug-report.sh "
+                         "log."))
     if (g.ecc_volatile_uncorrected or 0) > 0:
-        return _v(Status.FAIL, f"{g.ecc_volatile_uncorrected} uncorrectable ECC error(s) since the driver loaded", g,
-                  measured, expected, "Drain the node; reset the GPU or reboot, then look for Xid 48/63/64; "
-                                      "repeated errors mean RMA.")
+        problems.append((Status.FAIL, f"{g.ecc_volatile_uncorrected} uncorrectable ECC error(s) since the driver "
+                                      "loaded",
+                         "Drain the node; reset the GPU or reboot, then look for Xid 48/63/64/94/95; repeated errors "
+                         "mean RMA."))
+    if (g.ecc_aggregate_sram_corrected or 0) > SRAM_CORRECTABLE_FAIL:
+        problems.append((Status.FAIL, f"{g.ecc_aggregate_sram_corrected} correctable SRAM ECC errors in the GPU's "
+                                      f"lifetime (more than {SRAM_CORRECTABLE_FAIL})",
+                         "A failing SRAM block: drain the node, run `dcgmi diag -r 3`, and RMA the GPU."))
+    dram = max(g.ecc_aggregate_dram_corrected or 0, g.ecc_aggregate_dram_uncorrected or 0)
+    if dram > DRAM_ERRORS_FAIL:
+        problems.append((Status.FAIL, f"{dram} DRAM ECC errors of one kind in the GPU's lifetime (more than "
+                                      f"{DRAM_ERRORS_FAIL})",
+                         "Worn HBM: drain the node, check row remapping (`nvidia-smi -q -d ROW_REMAPPER`) and RMA."))
     if (g.ecc_volatile_corrected or 0) > ECC_CORRECTABLE_WARN:
-        return _v(Status.WARN, f"{g.ecc_volatile_corrected} correctable ECC errors since the driver loaded", g,
-                  measured, expected, "Watch the count; run `dcgmi diag -r 3` and plan a GPU swap if it grows.")
-    return _v(Status.PASS, "ECC enabled, no uncorrectable errors", g, measured, expected)
+        problems.append((Status.WARN, f"{g.ecc_volatile_corrected} correctable ECC errors since the driver loaded",
+                         "Watch the count; run `dcgmi diag -r 3` and plan a GPU swap if it grows."))
+    if problems:
+        status = max(p[0] for p in problems)
+        fixes = list(dict.fromkeys(p[2] for p in problems if p[0] is status))
+        return _v(status, "; ".join(p[1] for p in problems), g, measured, expected, " ".join(fixes))
+    lifetime = ""
+    if g.ecc_aggregate_uncorrected is not None or g.ecc_aggregate_sram_uncorrected is not None:
+        lifetime = (f"; lifetime: {g.ecc_aggregate_uncorrected if g.ecc_aggregate_uncorrected is not None else '?'} "
+                    f"uncorrectable, {g.ecc_aggregate_corrected if g.ecc_aggregate_corrected is not None else '?'} "
+                    "correctable")
+    return _v(Status.PASS, f"ECC enabled, no uncorrectable errors{lifetime}", g, measured, expected)
 
 
 def judge_memory_errors(g: GpuSnapshot) -> Verdict:
@@ -238,14 +282,33 @@ def judge_processes(g: GpuSnapshot) -> Verdict:
 
 # --- kernel log ----------------------------------------------------------------------------------
 
-XID_RX = re.compile(r"NVRM: Xid \(PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2})(?:\.\d)?\): (\d+),\s*(.*)")
+# "NVRM: Xid (PCI:0000:8a:00): 48, text"; MIG adds to the parenthesis ("(PCI:0000:3b:00 GPU-I:01)").
+XID_RX = re.compile(r"NVRM: Xid \(PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2})(?:\.[0-9A-Fa-f])?[^)]{0,80}\):"
+                    r"\s*(\d{1,9})\s*(?:,\s*(.*))?$", re.ASCII)
+XID_MARK = "NVRM: Xid"
+XID_PCI_RX = re.compile(r"PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2})")
+# Kernel log time stamps, in the forms the two sources print: seconds since boot ("[ 1234.567890]", dmesg and
+# journalctl -o short-monotonic), dmesg -T ("[Mon Oct 29 12:07:39 2018]"), ISO ("2024-05-01T12:07:39+0000",
+# journalctl -o short-iso) and syslog ("Oct 29 12:07:39 host kernel:", journalctl -o short).
+_UPTIME_RX = re.compile(r"\[\s*(\d{1,10}\.\d{1,9})\]", re.ASCII)
+_CLOCK_RXS = (re.compile(r"\[([A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4})\]"),
+              re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?)"),
+              re.compile(r"^([A-Z][a-z]{2} [ \d]?\d \d\d:\d\d:\d\d)"))
 
 
 @dataclass(frozen=True)
 class XidEvent:
-    pci: str  # normalised "0000:8a:00"
-    xid: int
+    pci: str | None  # normalised "0000:8a:00"; None when the line's address could not be read
+    xid: int | None  # None: a "NVRM: Xid" line whose number could not be read (never a silent pass)
     text: str
+    stamp: str | None = None  # the time stamp as the log printed it
+    uptime_s: float | None = None  # seconds since boot, where the stamp is one
+
+    @property
+    def when(self) -> str | None:
+        if self.uptime_s is not None:
+            return f"{self.uptime_s:g} s after boot"
+        return self.stamp
 
 
 def normalise_pci(address: str) -> str:
@@ -255,34 +318,138 @@ def normalise_pci(address: str) -> str:
     return f"{int(domain, 16):04x}:{bus}:{dev}"
 
 
+def _stamp(prefix: str) -> tuple[str | None, float | None]:
+    m = _UPTIME_RX.search(prefix)
+    if m:
+        return m.group(0).strip(), float(m.group(1))
+    for rx in _CLOCK_RXS:
+        m = rx.search(prefix)
+        if m:
+            return m.group(1), None
+    return None, None
+
+
 def parse_xids(log_text: str) -> list[XidEvent]:
+    """Every ``NVRM: Xid`` line of a kernel log, in log order. A line that names an Xid but cannot be read
+    whole comes back with ``xid=None`` (and the address if that much was readable), so that the judge warns
+    about it instead of passing it by."""
     out = []
     for line in log_text.splitlines():
-        m = XID_RX.search(line)
+        at = line.find(XID_MARK)
+        if at < 0:
+            continue
+        stamp, uptime = _stamp(line[:at])
+        m = XID_RX.search(line, at)
         if m:
-            out.append(XidEvent(normalise_pci(m.group(1)), int(m.group(2)), m.group(3).strip()))
+            out.append(XidEvent(normalise_pci(m.group(1)), int(m.group(2)), (m.group(3) or "").strip(),
+                                stamp, uptime))
+            continue
+        pci = XID_PCI_RX.search(line, at)
+        out.append(XidEvent(normalise_pci(pci.group(1)) if pci else None, None, line[at:].strip()[:200],
+                            stamp, uptime))
     return out
 
 
-def judge_xids(events: list[XidEvent], gpus: list[GpuSnapshot], source: str) -> Verdict:
-    index = {normalise_pci(g.bus_id): g.index for g in gpus if g.bus_id}
+def _xid_text(e: XidEvent) -> str:
+    return e.text.replace("\n", " ")[:80]
 
-    def where(e: XidEvent) -> str:
-        return f"GPU {index[e.pci]} ({e.pci})" if e.pci in index else f"PCI {e.pci}"
 
-    critical = [e for e in events if e.xid in CRITICAL_XIDS]
-    other = Counter(e.xid for e in events if e.xid not in CRITICAL_XIDS)
-    measured = {"xid_events": len(events), "critical": len(critical), "source": source}
-    expected = {"critical": 0}
-    if critical:
-        seen = []
-        for e in critical:
-            item = f"{where(e)}: Xid {e.xid} ({e.text[:80]})"
-            if item not in seen:
-                seen.append(item)
-        return Verdict(Status.FAIL, f"critical Xid since boot: {'; '.join(seen[:5])}"
-                                    + (f" (+{len(seen) - 5} more)" if len(seen) > 5 else ""), measured, expected,
-                       "Drain the node. Xid 48/63/64/94/95: memory errors (reset, then check row remaps); 79: GPU fell "
-                       "off the bus (reseat/RMA); 74: NVLink error. See NVIDIA's Xid catalogue.")
-    note = f"; non-critical Xids seen: {', '.join(f'{x} (x{n})' for x, n in sorted(other.items()))}" if other else ""
-    return Verdict(Status.PASS, f"no critical Xid in the kernel log since boot{note}", measured, expected)
+def _judge_xid_group(events: list[XidEvent], where: str, source: str) -> tuple[Status, str, dict, str | None]:
+    """One device's Xids: (status, message, measured, remediation). Each distinct Xid is reported once with
+    its count, its first and last time stamps and what NVIDIA's catalog says to do."""
+    by_xid: dict[int | None, list[XidEvent]] = {}
+    for e in events:
+        by_xid.setdefault(e.xid, []).append(e)
+    items, fixes = [], {}
+    worst = Status.PASS
+    critical = 0
+    for xid, seen in sorted(by_xid.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        first, last = seen[0], seen[-1]
+        times = ""
+        if first.when:
+            times = f", first {first.when}" + (f", last {last.when}" if len(seen) > 1 and last.when else "")
+        if xid is None:
+            status = Status.WARN
+            items.append((status, f"{len(seen)} Xid line(s) that could not be read{times}: {_xid_text(first)}"))
+            fixes[status] = fixes.get(status, []) + ["Read the kernel log by hand (`journalctl -k -b | grep Xid`)."]
+        else:
+            statuses = [xid_catalog.status_for(xid, e.text) for e in seen]
+            status = max(statuses)
+            info = xid_catalog.lookup(xid)
+            action = xid_catalog.action_for(xid, seen[statuses.index(status)].text)
+            if info is None:
+                what = "not in NVIDIA's Xid catalog"
+            else:
+                what = f"{info.name}; NVIDIA: {action.value}" + (
+                    f", then {info.follow_up}" if status is Status.WARN and action is xid_catalog.Action.NONE else "")
+            items.append((status, f"Xid {xid} x{len(seen)} ({what}){times}: {_xid_text(last)}"))
+            fixes[status] = fixes.get(status, []) + [_xid_remedy(xid, action)]
+            if status is Status.FAIL:
+                critical += len(seen)
+        worst = max(worst, status)
+    items.sort(key=lambda item: -item[0])
+    shown = [text for _, text in items[:5]] + ([f"+{len(items) - 5} more"] if len(items) > 5 else [])
+    measured = {"xid_events": len(events), "critical": critical, "source": source,
+                "xids": ", ".join(f"{x if x is not None else '?'} (x{len(v)})" for x, v in by_xid.items())}
+    if events[0].when:
+        measured["first_seen"] = events[0].when
+        measured["last_seen"] = events[-1].when
+    remedy = " ".join(dict.fromkeys(fixes.get(worst, []))) if worst is not Status.PASS else None
+    verb = {Status.FAIL: "Xid errors that take the GPU out of service", Status.WARN: "Xid errors to look at",
+            Status.PASS: "only informational Xids"}[worst]
+    return worst, f"{where}: {verb} since boot: {'; '.join(shown)}", measured, remedy
+
+
+def _xid_remedy(xid: int, action) -> str:
+    A = xid_catalog.Action
+    specific = {
+        48: "Xid 48 (double-bit ECC): pending row remaps/page retirements take effect after a GPU reset; "
+            "see gpu.memory_errors.",
+        74: "Xid 74 (NVLink): check `nvidia-smi nvlink -e`, then reset the GPU; RMA if it repeats.",
+        79: "Xid 79 (fallen off the bus): reboot; reseat the GPU, check its power and riser; RMA if it repeats.",
+        94: "Xid 94 (contained memory error): the application was stopped; a row remap may be pending "
+            "(gpu.memory_errors).",
+        95: "Xid 95 (uncontained memory error): every application on the GPU was affected: reset the GPU.",
+    }
+    if xid in specific:
+        return specific[xid]
+    if action is None:
+        return (f"Xid {xid} is not in the catalog this tool carries (a newer driver?): look it up in NVIDIA's Xid "
+                "catalog (docs.nvidia.com/deploy/xid-errors).")
+    return {A.RESET_GPU: "Drain the node; reset the GPU (`nvidia-smi -r -i <bus id>`) or reboot, then verify again; "
+                         "contact support if it repeats.",
+            A.REBOOT: "Drain the node and reboot it; contact support if it repeats.",
+            A.CONTACT_SUPPORT: "Drain the node and contact NVIDIA support (or the vendor) with the board serial and "
+                               "an nvidia-bug-report.sh log.",
+            A.RESTART_APP: "Restart the application that hit it; if it repeats across jobs or on an idle node, run "
+                           "`dcgmi diag -r 3`.",
+            A.NONE: "Nothing to do now; if it repeats, collect nvidia-bug-report.sh and contact support."}[action]
+
+
+def judge_xids(events: list[XidEvent], gpus: list[GpuSnapshot], source: str) -> list[Verdict]:
+    """One verdict per GPU NVML sees (with its identity), one per other PCI address that logged an Xid, and
+    one for Xid lines without a readable address; a single pass when there are neither GPUs nor Xids.
+    Status per NVIDIA's Xid catalog (:mod:`checks.gpu.xid_catalog`): fail for reset/reboot/contact support,
+    warn for application-level Xids, ones that need follow-up, unknown and unreadable ones."""
+    groups: dict[str | None, list[XidEvent]] = {}
+    for e in events:
+        groups.setdefault(e.pci, []).append(e)
+    expected = {"critical": 0, "policy": "NVIDIA Xid catalog"}
+    out = []
+    for g in sorted(gpus, key=lambda g: g.index):
+        pci = normalise_pci(g.bus_id) if g.bus_id else None
+        mine = groups.pop(pci, []) if pci else []
+        if not mine:
+            out.append(_v(Status.PASS, f"no Xid since boot (PCI {pci or '?'})", g,
+                          {"xid_events": 0, "critical": 0, "source": source}, expected))
+            continue
+        status, message, measured, remedy = _judge_xid_group(mine, f"PCI {pci}", source)
+        out.append(_v(status, message, g, measured, expected, remedy))
+    for pci, mine in sorted(groups.items(), key=lambda kv: kv[0] or "~"):
+        where = f"PCI {pci} (not a GPU NVML sees here)" if pci else "an unreadable PCI address"
+        status, message, measured, remedy = _judge_xid_group(mine, where, source)
+        out.append(Verdict(status, message, measured, expected, remedy, subject=f"pci:{pci or 'unknown'}"))
+    if not out:
+        out.append(Verdict(Status.PASS, "no Xid in the kernel log since boot", {"xid_events": 0, "critical": 0,
+                                                                                "source": source}, expected))
+    return out

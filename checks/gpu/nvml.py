@@ -23,6 +23,13 @@ class GpuSnapshot:
     ecc_pending: bool | None = None
     ecc_volatile_uncorrected: int | None = None
     ecc_volatile_corrected: int | None = None
+    # Aggregate (lifetime, kept in the InfoROM: survives GPU resets and reboots); None where not supported.
+    ecc_aggregate_uncorrected: int | None = None
+    ecc_aggregate_corrected: int | None = None
+    ecc_aggregate_dram_uncorrected: int | None = None
+    ecc_aggregate_dram_corrected: int | None = None
+    ecc_aggregate_sram_uncorrected: int | None = None  # NVML_MEMORY_LOCATION_SRAM, else L1+L2+RF+texture (old boards)
+    ecc_aggregate_sram_corrected: int | None = None
     retired_sbe: int | None = None  # pages retired for multiple single-bit errors (pre-Ampere)
     retired_dbe: int | None = None  # pages retired for double-bit errors (pre-Ampere)
     retired_pending: bool | None = None
@@ -67,6 +74,36 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# SRAM locations boards before Turing report one by one (Turing and newer: NVML_MEMORY_LOCATION_SRAM).
+_OLD_SRAM_LOCATIONS = ("NVML_MEMORY_LOCATION_L1_CACHE", "NVML_MEMORY_LOCATION_L2_CACHE",
+                       "NVML_MEMORY_LOCATION_REGISTER_FILE", "NVML_MEMORY_LOCATION_TEXTURE_MEMORY",
+                       "NVML_MEMORY_LOCATION_TEXTURE_SHM", "NVML_MEMORY_LOCATION_CBU")
+
+
+def _read_aggregate_ecc(nvml, h, g: GpuSnapshot, opt) -> None:
+    """The aggregate ECC counters: totals, and DRAM / SRAM apart (nvmlDeviceGetMemoryErrorCounter)."""
+    agg = nvml.NVML_AGGREGATE_ECC
+    unc, cor = nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+    g.ecc_aggregate_uncorrected = opt(nvml.nvmlDeviceGetTotalEccErrors, h, unc, agg)
+    g.ecc_aggregate_corrected = opt(nvml.nvmlDeviceGetTotalEccErrors, h, cor, agg)
+    dram = nvml.NVML_MEMORY_LOCATION_DRAM  # the same value as NVML_MEMORY_LOCATION_DEVICE_MEMORY
+    g.ecc_aggregate_dram_uncorrected = opt(nvml.nvmlDeviceGetMemoryErrorCounter, h, unc, agg, dram)
+    g.ecc_aggregate_dram_corrected = opt(nvml.nvmlDeviceGetMemoryErrorCounter, h, cor, agg, dram)
+
+    def sram(kind) -> int | None:
+        if hasattr(nvml, "NVML_MEMORY_LOCATION_SRAM"):
+            value = opt(nvml.nvmlDeviceGetMemoryErrorCounter, h, kind, agg, nvml.NVML_MEMORY_LOCATION_SRAM)
+            if value is not None:
+                return int(value)
+        parts = [opt(nvml.nvmlDeviceGetMemoryErrorCounter, h, kind, agg, getattr(nvml, name))
+                 for name in _OLD_SRAM_LOCATIONS if hasattr(nvml, name)]
+        parts = [int(p) for p in parts if p is not None]
+        return sum(parts) if parts else None
+
+    g.ecc_aggregate_sram_uncorrected = sram(unc)
+    g.ecc_aggregate_sram_corrected = sram(cor)
+
+
 def probe_nvml(nvml) -> NodeSnapshot:
     """Snapshot every GPU. An NVML that does not initialise gives a snapshot with ``error`` set."""
     try:
@@ -100,6 +137,7 @@ def probe_nvml(nvml) -> NodeSnapshot:
                                                  nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
                 g.ecc_volatile_corrected = opt(nvml.nvmlDeviceGetTotalEccErrors, h,
                                                nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC)
+                _read_aggregate_ecc(nvml, h, g, opt)
             sbe = opt(nvml.nvmlDeviceGetRetiredPages, h, nvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)
             dbe = opt(nvml.nvmlDeviceGetRetiredPages, h, nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)
             g.retired_sbe = len(sbe) if sbe is not None else None

@@ -3,6 +3,12 @@
 A machine without a GPU has no libnvidia-ml, so the probe is driven through this stand-in. It uses the
 real binding's constants and error classes, and each GPU is a dict of the values the driver would
 report; a value of None makes the call raise NVML_ERROR_NOT_SUPPORTED, as old boards do.
+
+ECC counters: ``ecc_uncorrected`` / ``ecc_corrected`` are the volatile totals; ``agg_locations`` maps an
+NVML memory location's name (``DRAM``, ``SRAM``; older boards ``DEVICE_MEMORY``, ``L1_CACHE``,
+``L2_CACHE``, ``REGISTER_FILE`` ...) to its aggregate ``(corrected, uncorrected)`` counts. A location
+not in it is not supported there, and the aggregate totals are the sum over the locations it has, as
+the driver's are.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ HEALTHY_H100 = {
     "ecc": (1, 1),
     "ecc_uncorrected": 0,
     "ecc_corrected": 0,
+    "agg_locations": {"DRAM": (0, 0), "SRAM": (0, 0)},  # (corrected, uncorrected) since manufacture
     "retired_sbe": [],
     "retired_dbe": [],
     "retired_pending": 0,
@@ -116,9 +123,22 @@ class FakeNVML:
         return list(self._val(h, "ecc"))
 
     def nvmlDeviceGetTotalEccErrors(self, h, kind, counter):
-        assert counter == pynvml.NVML_VOLATILE_ECC
-        key = "ecc_uncorrected" if kind == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else "ecc_corrected"
-        return self._val(h, key)
+        unc = kind == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+        if counter == pynvml.NVML_AGGREGATE_ECC:
+            locations = self._val(h, "agg_locations")
+            if not locations:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return sum(pair[1 if unc else 0] for pair in locations.values())
+        assert counter == pynvml.NVML_VOLATILE_ECC, counter
+        return self._val(h, "ecc_uncorrected" if unc else "ecc_corrected")
+
+    def nvmlDeviceGetMemoryErrorCounter(self, h, kind, counter, location):
+        assert counter == pynvml.NVML_AGGREGATE_ECC, "the probe reads only the aggregate counters per location"
+        locations = self._val(h, "agg_locations")
+        for name, pair in locations.items():
+            if getattr(pynvml, f"NVML_MEMORY_LOCATION_{name}") == location:
+                return pair[1 if kind == pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else 0]
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
 
     def nvmlDeviceGetRetiredPages(self, h, cause):
         key = "retired_dbe" if cause == pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR else "retired_sbe"
