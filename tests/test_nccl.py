@@ -29,6 +29,7 @@ from checks.nccl import (
     parse_nccl_tests,
     probe_allreduce,
 )
+from checks.nccl.nccltests import NotANumber, parse_count, parse_number
 from checks.node import PerfExpect
 from checks.registry import _REGISTRY, Context
 from checks.result import Status
@@ -286,6 +287,154 @@ def test_judge_nccl_tests_failures():
     assert wrong.rows[-1].in_wrong == 12 and wrong.out_of_bounds == 12
     assert judge_nccl_tests(wrong, 0, Expectation(370.0, "t"), 0.8).status is Status.FAIL
     assert judge_nccl_tests(r, 2, Expectation(370.0, "t"), 0.8).status is Status.FAIL  # non-zero exit
+
+
+# --- numbers as nccl-tests prints them, and the cases that must never pass ----------------------------------
+
+NCCL_DATA = Path(__file__).resolve().parent / "data" / "nccl"
+
+
+def nccl_data(name):
+    return (NCCL_DATA / name).read_text()
+
+
+@pytest.mark.parametrize("text, value", [
+    ("0", 0), ("-1", -1), ("1048576", 1048576), ("1081.14", 1081.14), ("15668.1", 15668.1), ("0e+00", 0.0),
+    ("1.04858e+06", 1048580.0), ("4.2E-3", 0.0042), (".5", 0.5), ("7.", 7.0), ("N/A", None), ("n/a", None),
+])
+def test_one_number_parser_reads_integers_fixed_and_e_notation(text, value):
+    got = parse_number(text)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text", ["", "nan", "-nan", "inf", "Infinity", "1_000", "0x10", "1e", "1.2.3", "abc",
+                                  "1,5", "\uff16\uff13", "e5", "1e999"])
+def test_one_number_parser_refuses_what_is_not_a_number(text):
+    with pytest.raises(NotANumber):
+        parse_number(text)
+
+
+def test_counts_read_g_notation_round_up_and_refuse_negatives():
+    assert parse_count("1.04858e+06") == 1048580 and parse_count("2.5") == 3 and parse_count("N/A") is None
+    with pytest.raises(NotANumber):
+        parse_count("-1")
+
+
+def test_every_numeric_column_goes_through_the_one_parser():
+    text = NEW_8GPU.replace("1118.48  240.00  420.00", "1.11848e+03  2.4e+02  4.2e+02")
+    row = parse_nccl_tests(text).rows[-1]
+    assert (row.time_us, row.algbw, row.busbw) == (1118.48, 240.0, 420.0) and row.unreadable == []
+
+
+def test_own_healthy_data_passes():
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_healthy.txt"))
+    assert len(r.rows) == 3 and r.out_of_bounds == 0 and not r.out_of_bounds_failed
+    check_formula(r)
+    v = judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8)
+    assert v.status is Status.PASS and v.measured["wrong_elements"].value == 0
+
+
+def test_wrong_count_printed_in_g_notation_is_corruption_with_memory_remediation():
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_wrong_g_notation.txt"))
+    assert (r.rows[-1].wrong, r.rows[-1].in_wrong) == (1048580, 1048580) and r.rows[-1].unreadable == []
+    assert r.out_of_bounds == 2097152 and r.out_of_bounds_failed and r.errors == []
+    v = judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8)
+    assert v.status is Status.FAIL and v.message.startswith("all_reduce_perf found corrupted data: 2097160 wrong "
+                                                            "element(s) (2097160 at 268435456 B)")
+    assert "Out of bounds values : 2097152 FAILED" in v.message
+    assert v.measured["wrong_elements"].value == 2097160 and v.measured["out_of_bounds_values"].value == 2097152
+    assert "ECC" in v.remediation and "reset the GPUs" in v.remediation and "RMA" in v.remediation
+    assert "NCCL_DEBUG" not in v.remediation and "P2P" not in v.remediation  # not transport tuning
+
+
+def test_out_of_bounds_failed_line_alone_is_corruption():
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_out_of_bounds_only.txt"))
+    assert all(row.wrong == 0 for row in r.rows) and r.out_of_bounds == 8
+    v = judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8)
+    assert v.status is Status.FAIL and "'Out of bounds values : 8 FAILED'" in v.message
+    assert v.remediation == nccl.nccltests.REMEDIATION_CORRUPTION
+    # the word alone decides when the count cannot be read
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_healthy.txt").replace(": 0 OK", ": ?? FAILED"))
+    assert r.out_of_bounds is None and r.out_of_bounds_failed
+    assert judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8).status is Status.FAIL
+
+
+def test_unreadable_wrong_count_is_an_error_never_zero():
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_wrong_unreadable.txt"))
+    assert r.rows[-1].in_wrong is None and r.rows[-1].unreadable == ["#wrong (in-place) '-nan'"]
+    v = judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8)
+    assert v.status is Status.ERROR
+    assert v.message == ("cannot tell whether all_reduce_perf's values were right: #wrong (in-place) '-nan' at "
+                         "268435456 B (not a number)")
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_healthy.txt").replace(": 0 OK", ": zero OK"))
+    assert r.out_of_bounds_unreadable
+    assert judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8).status is Status.ERROR
+
+
+def test_validation_off_warns_instead_of_passing():
+    r = parse_nccl_tests(nccl_data("allreduce_h100x8_validation_off.txt"))
+    assert all(row.unvalidated and row.wrong is None and not row.unreadable for row in r.rows)
+    v = judge_nccl_tests(r, 0, Expectation(370.0, "t"), 0.8)
+    assert v.status is Status.WARN and "did not check the values (#wrong N/A" in v.message
+
+
+def _variants(text, rng):
+    lines = text.splitlines(keepends=True)
+    out = ["".join(lines[:i]) for i in range(len(lines) + 1)]  # truncated at every line
+    out += [text[:rng.randrange(len(text) + 1)] for _ in range(15)]  # and inside lines
+    for _ in range(15):
+        shuffled = lines[:]
+        rng.shuffle(shuffled)
+        out.append("".join(shuffled))
+    for _ in range(15):
+        noise = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 120))).decode("latin-1")
+        at = rng.randrange(len(text) + 1)
+        out.append(text[:at] + noise + text[at:])
+    for _ in range(15):  # a cell wrapped onto the next line
+        at = rng.randrange(len(text) + 1)
+        out.append(text[:at] + "\n" + text[at:])
+    return out
+
+
+def test_nccl_tests_parser_and_judge_never_raise_on_arbitrary_text():
+    import random
+
+    rng = random.Random(2024)
+    texts = [OLD_2GPU, NEW_8GPU, NEW_8GPU_WRONG, OLDEST_ERROR_COLUMN, ABORTED]
+    texts += [nccl_data(p.name) for p in sorted(NCCL_DATA.glob("*.txt"))]
+    texts += [(SAMPLES / n).read_text() for n in ("nccl_allreduce_h100x8_nvlink_single_node.txt",
+                                                   "nccl_allreduce_2x2080ti_pcie_nop2p.txt") if (SAMPLES / n).exists()]
+    started = time.monotonic()
+    for text in texts:
+        for variant in _variants(text, rng):
+            v = judge_nccl_tests(parse_nccl_tests(variant), rng.choice([0, 1, None]), Expectation(370.0, "t"), 0.8)
+            assert isinstance(v, nccl.Verdict)
+    assert time.monotonic() - started < 30
+
+
+def test_an_unparsable_wrong_or_out_of_bounds_count_never_passes():
+    """Any #wrong cell of the healthy sample, or its out-of-bounds count, replaced by something that is not a
+    number: the verdict is never a pass (and never reads the cell as 0)."""
+    import random
+
+    rng = random.Random(7)
+    healthy = nccl_data("allreduce_h100x8_healthy.txt")
+    assert judge_nccl_tests(parse_nccl_tests(healthy), 0, Expectation(370.0, "t"), 0.8).status is Status.PASS
+    junk = ["nan", "-nan", "inf", "1_0", "0x0", "O", "1.0.0", "e0", "0e", "\uff10", "?", "*****", "0,0", "++0"]
+    lines = healthy.splitlines(keepends=True)
+    rows = [i for i, line in enumerate(lines) if line.strip() and not line.startswith("#")]
+    for _ in range(150):
+        i, side = rng.choice(rows), rng.choice([8, 12])  # the out-of-place / in-place #wrong cell
+        cells = lines[i].split()
+        cells[side] = rng.choice(junk) + rng.choice(["", "", "x", "#"])
+        text = "".join(lines[:i]) + "  ".join(cells) + "\n" + "".join(lines[i + 1:])
+        v = judge_nccl_tests(parse_nccl_tests(text), 0, Expectation(370.0, "t"), 0.8)
+        assert v.status is not Status.PASS, cells[side]
+    for bad in junk:
+        v = judge_nccl_tests(parse_nccl_tests(healthy.replace(": 0 OK", f": {bad} OK")), 0, Expectation(370.0, "t"),
+                             0.8)
+        assert v.status is not Status.PASS, bad
+
 
 
 # --- the shared real outputs (optional) ---------------------------------------------------------------
