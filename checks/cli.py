@@ -78,6 +78,9 @@ def parse_timeout(text: str | None) -> float | None:
     try:
         value = float(text)
     except ValueError:
+    p.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), metavar="1-4",
+                   help="level of `dcgmi diag -r N` for gpu.dcgm_diag (default: 1 with --quick, 2 otherwise; 3 "
+                        "(~15 min) and 4 (longer) are for a burn-in)")
         value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"--timeout: {text!r} is not a positive number of seconds (e.g. 30 or 2.5)")
@@ -211,9 +214,11 @@ def run(argv: list[str]) -> int:
     stack, from_manifest = resolve(args)
     node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
     return execute(args, chosen, stack, from_manifest, node, title=PROG, quick=args.quick, timeout_s=timeout,
-                   jobs=jobs, options={"model": args.model} if args.model else {},
+                   jobs=jobs, options={**({"model": args.model} if args.model else {}),
+                                       **({"dcgm_level": args.dcgm_level} if args.dcgm_level else {})},
                    report_options={"model": args.model, "only": args.only or [], "skip": args.skip or [],
-                                   "quick": args.quick, "timeout_s": timeout, "gpus": node.gpus, "expect": expect})
+                                   "quick": args.quick, "timeout_s": timeout, "gpus": node.gpus, "expect": expect,
+                                   "dcgm_level": args.dcgm_level})
 
 
 def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str, options: dict,

@@ -658,3 +658,20 @@ def test_wrapped_cells_join_back_exactly_at_any_frame_width():
         lines += [row("", p) for p in pieces[1:]] + ["+" + "-" * 27 + "+" + "-" * value_w + "+"]
         [test] = parse_dcgmi_diag("\n".join(lines) + "\n").tests
         assert test.details == [("Warning", " ".join(text.split()))], (wrap, text)
+
+
+def test_dcgm_level_flag_reaches_dcgmi_through_the_cli(tmp_path, monkeypatch):
+    """`--dcgm-level 3` runs `dcgmi diag -r 3 -j` and the report records the level; without it, `--quick`
+    runs level 1; a level outside 1-4 is a usage error before anything runs."""
+    from checks.cli import main
+
+    args = fake_dcgmi(tmp_path, HEALTHY_R2)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    report = tmp_path / "r.json"
+    common = ["--only", "gpu.dcgm_diag", "--skip", "gpu.driver", "--no-progress"]
+    main([*common, "--dcgm-level", "3", "--json", str(report)])
+    assert calls(args)[-1].startswith("diag -r 3") and json.loads(report.read_text())["options"]["dcgm_level"] == 3
+    main([*common, "--quick"])
+    assert calls(args)[-1].startswith("diag -r 1")
+    before = len(calls(args))
+    assert main([*common, "--dcgm-level", "5"]) == 2 and len(calls(args)) == before
