@@ -172,6 +172,14 @@ QUANTITIES: dict[tuple[str, str], Quantity] = {
                                               "gpu.ecc: uncorrectable ECC errors since the last driver load"),
     ("gpu", "corrected_volatile"): Quantity("gpu_ecc_volatile_corrected_errors",
                                             "gpu.ecc: corrected ECC errors since the last driver load"),
+    **{("gpu", f"{where}{kind}_aggregate"): Quantity(
+        f"gpu_ecc_aggregate_{where}{kind}_errors",
+        f"gpu.ecc: {kind} ECC errors{' in ' + where.rstrip('_').upper() if where else ''} over the board's "
+        f"lifetime (they survive a reset)")
+       for where in ("", "sram_", "dram_") for kind in ("uncorrected", "corrected")},
+    ("nccl", "out_of_bounds_values"): Quantity("nccl_allreduce_out_of_bounds_values",
+                                               f"{_ALLREDUCE} values nccl-tests found out of bounds (data "
+                                               f"corruption)"),
     ("gpu", "retired_pages"): Quantity("gpu_retired_pages", "gpu.memory_errors: retired memory pages"),
     ("gpu", "remapped_rows_uncorrectable"): Quantity("gpu_remapped_rows_uncorrectable",
                                                      "gpu.memory_errors: rows remapped after uncorrectable errors"),
