@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,19 @@ from checks.registry import DEFAULT_TIMEOUT_S, Context, UsageError, all_checks, 
 from checks.report import Report
 from checks.result import Result, worst
 from checks.runner import DEFAULT_JOBS, run_checks
-from checks.stack import DEFAULT_MANIFEST, DEFAULT_STACK, Stack, StackError, load_manifest, load_stack
+from checks.stack import (
+    DEFAULT_MANIFEST,
+    DEFAULT_STACK,
+    Stack,
+    StackError,
+    YamlRefused,
+    load_manifest,
+    load_stack,
+    load_yaml_text,
+    one_line,
+    quote,
+    shown,
+)
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 PROG = "peftnode verify"
@@ -65,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", metavar="GROUPS|CHECKS", help="leave these out (comma-separated)")
     p.add_argument("--quick", action="store_true",
                    help="health and version checks only: no fine-tune, no long benchmarks")
+    p.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), metavar="1-4",
+                   help="level of `dcgmi diag -r N` for gpu.dcgm_diag (default: 1 with --quick, 2 otherwise; 3 "
+                        "(~15 min) and 4 (longer) are for a burn-in)")
     p.add_argument("--timeout", metavar="SECONDS",
                    help=f"per-check timeout for isolated checks, overriding each check's own (default: the check's "
                         f"own, else {DEFAULT_TIMEOUT_S:g})")
@@ -78,69 +94,95 @@ def parse_timeout(text: str | None) -> float | None:
     try:
         value = float(text)
     except ValueError:
-    p.add_argument("--dcgm-level", type=int, choices=(1, 2, 3, 4), metavar="1-4",
-                   help="level of `dcgmi diag -r N` for gpu.dcgm_diag (default: 1 with --quick, 2 otherwise; 3 "
-                        "(~15 min) and 4 (longer) are for a burn-in)")
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--timeout: {text!r} is not a positive number of seconds (e.g. 30 or 2.5)")
+        raise UsageError(f"--timeout: {quote(text)} is not a positive number of seconds (e.g. 30 or 2.5)")
     return value
+
+
+_SMALL_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
 
 
 def parse_gpus(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit() or int(text) > 64:
-        raise UsageError(f"--gpus: {text!r} is not a whole number from 0 to 64")
+    if not _SMALL_WHOLE.fullmatch(text) or int(text) > 64:
+        raise UsageError(f"--gpus: {quote(text)} is not a whole number from 0 to 64")
     return int(text)
 
 
 def parse_jobs(text: str | None) -> int:
     if text is None:
         return DEFAULT_JOBS
-    if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise UsageError(f"--jobs: {text!r} is not a whole number from 1 to 64")
+    if not _SMALL_WHOLE.fullmatch(text) or not 1 <= int(text) <= 64:
+        raise UsageError(f"--jobs: {quote(text)} is not a whole number from 1 to 64")
     return int(text)
 
 
-def parse_expect(items: list[str] | None) -> dict:
-    """``KEY=VALUE`` pairs (YAML-typed values) validated like a manifest's node: section."""
-    import yaml
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
+
+def parse_names(flag: str, values: list[str] | None, what: str = "check or group") -> list[str] | None:
+    """The comma-separated names of ``--only``/``--skip``/``--methods`` (repeatable), or None when the flag is
+    not given. A value that names nothing (``''``, ``,``) or has an empty name between commas is refused rather
+    than read as "no filter"; so is a name that cannot be one (odd characters, over 100 characters)."""
+    if values is None:
+        return None
+    names: list[str] = []
+    for value in values:
+        tokens = [tok.strip() for tok in value.split(",")]
+        if not any(tokens):
+            raise UsageError(f"{flag}: {quote(value)} names no {what}; give one or more, comma-separated")
+        if not all(tokens):
+            raise UsageError(f"{flag}: {quote(value)} has an empty name (a stray comma?)")
+        for tok in tokens:
+            if not _NAME.fullmatch(tok):
+                raise UsageError(f"{flag}: {quote(tok)} is not a {what} name (letters, digits, . _ -)")
+        names.extend(tokens)
+    return names
+
+
+def parse_expect(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs (YAML-typed values, read by the stack loader's YAML reader: alias bombs and
+    malformed YAML refused) validated like a manifest's node: section."""
     from checks.stack import NODE_FIELDS, NODE_OVERRIDES
 
     out: dict = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or key not in NODE_FIELDS:
-            raise UsageError(f"--expect: {item!r} is not KEY=VALUE with KEY one of {', '.join(NODE_FIELDS)}")
+            raise UsageError(f"--expect: {quote(item)} is not KEY=VALUE with KEY one of {', '.join(NODE_FIELDS)}")
         try:
-            out[key] = yaml.safe_load(text) if text else None
-        except yaml.YAMLError:
-            raise UsageError(f"--expect: cannot read the value of {item!r}") from None
+            out[key] = load_yaml_text(text) if text else None
+        except YamlRefused as exc:
+            where = f" (line {exc.line}, column {exc.column})" if exc.line is not None else ""
+            raise UsageError(f"--expect: {key}: cannot read {quote(text)}{where}: {exc.reason}") from None
     problems: list[str] = []
     NODE_OVERRIDES(out, "", problems)
     if problems:
-        raise UsageError(f"--expect: {'; '.join(problems)}")
+        raise UsageError(f"--expect: {one_line(problems)}")
     return out
 
 
 def check_writable(flag: str, path: str | None) -> None:
     """Refuse an unwritable report path before any check runs, not after a ten-minute run."""
+    if path == "":
+        raise UsageError(f"{flag}: empty; give a file path")
     if not path or (path == "-" and flag == "--json"):
         return
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise UsageError(f"{flag}: {path} is a directory; give a file path")
-    if not parent.is_dir():
-        raise UsageError(f"{flag}: cannot write {path}: directory {parent} does not exist")
-    existed = target.exists()
-    try:  # a real open: permission bits alone mislead root, read-only mounts and pseudo file systems
+    try:
+        if target.is_dir():
+            raise UsageError(f"{flag}: {shown(path)} is a directory; give a file path")
+        if not parent.is_dir():
+            raise UsageError(f"{flag}: cannot write {shown(path)}: directory {shown(parent)} does not exist")
+        existed = target.exists()
+        # a real open: permission bits alone mislead root, read-only mounts and pseudo file systems
         with open(target, "a"):
             pass
-    except OSError as exc:
-        raise UsageError(f"{flag}: cannot write {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # also a name too long, a path through a file
+        raise UsageError(f"{flag}: cannot write {shown(path)}: {exc.strerror or type(exc).__name__}") from None
     if not existed:
         target.unlink()
 
@@ -160,6 +202,10 @@ def check_prom_owner(path: str | None, title: str) -> None:
 
 def resolve(args) -> tuple[Stack, bool]:
     """The stack to verify against and whether it came from a node manifest."""
+    if args.stack == "":
+        raise UsageError("--stack: empty; give a stack name or a file")
+    if args.manifest == "":
+        raise UsageError("--manifest: empty; give a manifest file")
     if args.stack and args.manifest:
         raise UsageError("--stack and --manifest: give one of them")
     if args.stack:
@@ -195,23 +241,55 @@ def list_checks(specs) -> None:
     Console().print(table)
 
 
+def _clip(message: str, limit: int = 300) -> str:
+    """A message built from printable text, cut to ``limit`` characters."""
+    return message if len(message) <= limit else message[:limit - 3] + "..."
+
+
+def parse_model(text: str | None, stack: Stack, allow_download: bool = False, refuse_missing: bool = True):
+    """The model spec of ``--model`` (None: the stack's ``model.path``), checked before anything runs: tiny,
+    random:<known shape>, or (``refuse_missing``) a model directory that holds a config.json; exit 2 otherwise.
+    The stack's own ``model.path`` is never refused here: that it is missing is the node's state, which the
+    fine-tune reports as a fail naming how to fetch it."""
+    from checks.finetune.model import ModelSpecError, parse_model_spec
+
+    if text is not None and (len(text) > 4096 or not text.isprintable()):
+        raise UsageError(f"--model: {quote(text)} is not tiny, random:<name> or a model directory")
+    stack_model = stack.data.get("model") or {}
+    try:
+        spec = parse_model_spec(text, stack_model, allow_download=allow_download)
+        missing = spec.missing()
+    except ModelSpecError as exc:
+        raise UsageError(_clip(str(exc))) from None
+    except OSError as exc:  # a name too long, a path through a file
+        raise UsageError(f"--model: cannot use {quote(text)}: {exc.strerror or type(exc).__name__}") from None
+    own = text is None or (stack_model.get("path") and Path(text.strip()) == Path(str(stack_model["path"])))
+    if missing and refuse_missing and not own:
+        raise UsageError(f"--model: {_clip(missing)} (give tiny, random:bloomz-560m or a saved model "
+                         f"directory)")
+    return spec
+
+
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     timeout = parse_timeout(args.timeout)
     gpus = parse_gpus(args.gpus)
     jobs = parse_jobs(args.jobs)
     expect = parse_expect(args.expect)
+    only, skip = parse_names("--only", args.only), parse_names("--skip", args.skip)
     specs = all_checks()
     if args.list:
         list_checks(specs)
         return EXIT_HEALTHY
-    chosen = select(specs, args.only, args.skip)
+    chosen = select(specs, only, skip)
     if not chosen:
         raise UsageError("--only/--skip leave no check to run")
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
     check_prom_owner(args.prom, PROG)
     stack, from_manifest = resolve(args)
+    if args.model is not None:
+        parse_model(args.model, stack)
     node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
     return execute(args, chosen, stack, from_manifest, node, title=PROG, quick=args.quick, timeout_s=timeout,
                    jobs=jobs, options={**({"model": args.model} if args.model else {}),
@@ -399,13 +477,13 @@ def run_finetune(argv: list[str]) -> int:
     from checks.finetune.distributed import DEFAULT_STEPS as DIST_STEPS
     from checks.finetune.distributed import DEFAULT_TIMEOUT_S as DIST_TIMEOUT_S
     from checks.finetune.methods import SEED_METHODS, MethodError, expand
-    from checks.finetune.model import ModelSpecError, parse_model_spec
     from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
 
     args = build_finetune_parser().parse_args(argv)
     gpus = parse_gpus(args.gpus)
     jobs = parse_jobs(args.jobs)
     expect = parse_expect(args.expect)
+    methods = parse_names("--methods", args.methods, "method")
     distributed = args.distributed or args.deepspeed
     if distributed:
         for flag in ("methods", "workers", "list_methods"):
@@ -430,10 +508,12 @@ def run_finetune(argv: list[str]) -> int:
     if args.list_methods:
         _list_methods(defaults)
         return EXIT_HEALTHY
+    # A missing model directory stays a fail naming how to fetch it here (tests/test_finetune_cli.py); verify
+    # refuses one given by --model at the start.
+    spec = parse_model(args.model, stack, allow_download=args.allow_download, refuse_missing=False)
     try:
-        spec = parse_model_spec(args.model, stack.data.get("model"), allow_download=args.allow_download)
-        names = [] if distributed else expand(args.methods, defaults)
-    except (ModelSpecError, MethodError) as exc:
+        names = [] if distributed else expand(methods, defaults)
+    except MethodError as exc:  # names are bounded by parse_names; the message lists every known method
         raise UsageError(str(exc)) from None
     node = stack.expect({**expect, **({"gpus": gpus} if gpus is not None else {})})
     wanted = [name for flag, name in ((args.distributed, DDP_CHECK), (args.deepspeed, ZERO_CHECK)) if flag]

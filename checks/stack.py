@@ -7,12 +7,22 @@ reads it through ``lookup_plugins/peftnode_stack.py`` (which calls :func:`load_s
 
 A node manifest (written by provisioning to ``/etc/peftnode/manifest.yml``) embeds the full stack
 plus this host's expectations, so a node can be verified without the repository.
+
+Hostile input is refused in one short line each, before any work that could hang: a file larger than
+1 MiB, not a regular file, or not UTF-8; YAML aliases that expand past 100,000 values (an alias bomb)
+or refer to themselves; a string longer than 4096 characters. Every value an error quotes is cut to 80
+characters and escaped (:func:`quote`); the one-line message lists the first 3 problems, ``problems`` the
+first 10, and both count the rest.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import reprlib
+import stat
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +38,69 @@ REPO_STACKS = Path(__file__).resolve().parent.parent / "stacks"
 DEFAULT_MANIFEST = Path("/etc/peftnode/manifest.yml")
 DEFAULT_STACK = "cu117"
 
+MAX_BYTES = 1 << 20  # a stack file or manifest is a few KiB; more than 1 MiB is refused unread
+MAX_VALUES = 100_000  # YAML values once aliases are expanded (a stack holds a few hundred)
+MAX_TEXT = 4096  # characters in one string value
+QUOTE_LIMIT = 80  # characters of a value an error message quotes
+PATH_LIMIT = 200  # characters of a file name an error message shows
+MAX_PROBLEMS = 10  # problems kept (Ansible shows them one per line); the rest are counted
+LINE_PROBLEMS = 3  # problems in the one-line message (the CLI's); the rest are counted
+
+
+def _counted(problems: list[str], keep: int) -> list[str]:
+    return problems if len(problems) <= keep else [*problems[:keep], f"... and {len(problems) - keep} more problem(s)"]
+
+
+def one_line(problems: list[str]) -> str:
+    """Problems as one line: the first LINE_PROBLEMS, then how many more."""
+    return "; ".join(_counted(problems, LINE_PROBLEMS))
+
 
 class StackError(Exception):
-    """A stack file or manifest that cannot be used. ``problems`` holds one line per problem."""
+    """A stack file or manifest that cannot be used. ``problems`` holds one line per problem (the first
+    MAX_PROBLEMS, then one line counting the rest); ``str()`` is one line with the first LINE_PROBLEMS."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("; ".join(problems))
+        self.problems = _counted(problems, MAX_PROBLEMS)
+        super().__init__(one_line(problems))
+
+
+# --- quoting values in error messages: bounded work, bounded length, one line --------------------
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 2
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = QUOTE_LIMIT
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdict = 4
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message: non-printable characters escaped (so always one line), at
+    most ``limit`` characters (cut with ``...``), and bounded work however large or nested the value."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+        cut = len(value) > limit
+    else:
+        try:
+            text = _REPR.repr(value)
+        except (ValueError, RecursionError):  # an int past Python's digit limit, a pathological object
+            text = f"<{type(value).__name__}>"
+        cut = False
+    if cut or len(text) > limit:
+        text = text[:max(limit - 3, 1)] + "..."
+    return text
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """A message's own text (an exception's reason) as one line: non-printable characters escaped, cut to
+    ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(text: str, limit: int = PATH_LIMIT) -> str:
+    """A file name or key as it is when it is short and printable, else quoted (escaped and cut)."""
+    text = str(text)
+    return text if len(text) <= limit and text.isprintable() else quote(text, limit)
 
 
 # --- a small schema language: enough to name the key and the reason for every problem -----------
@@ -51,11 +117,13 @@ def Str(pattern: str | None = None, what: str | None = None, choices: tuple[str,
 
     def check(value, path, problems):
         if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {_type_name(value)} {value!r}")
+            problems.append(f"{path}: expected a string, got {_type_name(value)} {quote(value)}")
+        elif len(value) > MAX_TEXT:
+            problems.append(f"{path}: {quote(value)} is {len(value)} characters long (at most {MAX_TEXT})")
         elif choices is not None and value not in choices:
-            problems.append(f"{path}: {value!r} is not one of {', '.join(choices)}")
+            problems.append(f"{path}: {quote(value)} is not one of {', '.join(choices)}")
         elif rx and not rx.fullmatch(value):
-            problems.append(f"{path}: {value!r} is not {what or 'of the form ' + pattern}")
+            problems.append(f"{path}: {quote(value)} is not {what or 'of the form ' + pattern}")
 
     return check
 
@@ -63,9 +131,9 @@ def Str(pattern: str | None = None, what: str | None = None, choices: tuple[str,
 def Int(minimum: int | None = None, maximum: int | None = None) -> Check:
     def check(value, path, problems):
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {_type_name(value)} {value!r}")
+            problems.append(f"{path}: expected an integer, got {_type_name(value)} {quote(value)}")
         elif (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            problems.append(f"{path}: {value} is outside {minimum}..{maximum if maximum is not None else ''}")
+            problems.append(f"{path}: {quote(value)} is outside {minimum}..{maximum if maximum is not None else ''}")
 
     return check
 
@@ -73,9 +141,11 @@ def Int(minimum: int | None = None, maximum: int | None = None) -> Check:
 def Number(minimum: float = 0.0) -> Check:
     def check(value, path, problems):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{path}: expected a number, got {_type_name(value)} {value!r}")
+            problems.append(f"{path}: expected a number, got {_type_name(value)} {quote(value)}")
+        elif not math.isfinite(value):
+            problems.append(f"{path}: {quote(value)} is not a finite number")
         elif value < minimum:
-            problems.append(f"{path}: {value} is below {minimum}")
+            problems.append(f"{path}: {quote(value)} is below {minimum}")
 
     return check
 
@@ -83,7 +153,7 @@ def Number(minimum: float = 0.0) -> Check:
 def Bool() -> Check:
     def check(value, path, problems):
         if not isinstance(value, bool):
-            problems.append(f"{path}: expected true or false, got {_type_name(value)} {value!r}")
+            problems.append(f"{path}: expected true or false, got {_type_name(value)} {quote(value)}")
 
     return check
 
@@ -106,12 +176,16 @@ def List(item: Check, min_items: int = 0, unique: bool = False) -> Check:
         for i, v in enumerate(value):
             item(v, f"{path}[{i}]", problems)
         if unique:
-            seen = [repr(v) for v in value]
-            dups = sorted({s for s in seen if seen.count(s) > 1})
+            counts = Counter(quote(v) for v in value)
+            dups = sorted(s for s, n in counts.items() if n > 1)
             if dups:
-                problems.append(f"{path}: duplicate item(s) {', '.join(dups)}")
+                more = f" and {len(dups) - 3} more" if len(dups) > 3 else ""
+                problems.append(f"{path}: duplicate item(s) {', '.join(dups[:3])}{more}")
 
     return check
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,80}")
 
 
 def Map(required: dict[str, Check], optional: dict[str, Check] | None = None) -> Check:
@@ -125,7 +199,8 @@ def Map(required: dict[str, Check], optional: dict[str, Check] | None = None) ->
         for key in value:
             if key not in required and key not in optional:
                 accepted = ", ".join(sorted([*required, *optional]))
-                problems.append(f"{prefix}{key}: unknown key (accepted here: {accepted})")
+                name = key if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) else quote(key)
+                problems.append(f"{prefix}{name}: unknown key (accepted here: {accepted})")
         for key, sub in required.items():
             if key not in value:
                 problems.append(f"{prefix}{key}: missing (required)")
@@ -142,10 +217,14 @@ def _requirement(value, path, problems):
     if not isinstance(value, str):
         problems.append(f"{path}: expected a PEP 508 requirement string, got {_type_name(value)}")
         return
+    if len(value) > MAX_TEXT:
+        problems.append(f"{path}: {quote(value)} is {len(value)} characters long (at most {MAX_TEXT})")
+        return
     try:
         Requirement(value)
     except InvalidRequirement as exc:
-        problems.append(f"{path}: {value!r} is not a valid PEP 508 requirement ({str(exc).splitlines()[0]})")
+        reason = (str(exc).splitlines() or ["invalid"])[0]
+        problems.append(f"{path}: {quote(value)} is not a valid PEP 508 requirement ({clip(reason)})")
 
 
 SHA256 = Nullable(Str(r"[0-9a-f]{64}", "a sha256 (64 lowercase hex digits) or null"))
@@ -290,11 +369,13 @@ def compatibility(data: dict) -> tuple[list[str], list[str]]:
     own = CUDA_TOOLKIT_DRIVER.get(tuple((cuda + (0, 0, 0))[:3]))
     if floor and driver < _version_tuple(floor):
         problems.append(
-            f"nvidia_driver.version: driver {driver_text} is below {floor}, the oldest driver CUDA "
-            f"{cuda[0]}.x runs on (minor-version compatibility); CUDA {cuda_text} cannot run on it")
+            f"nvidia_driver.version: driver {shown(driver_text, QUOTE_LIMIT)} is below {floor}, the oldest driver "
+            f"CUDA {cuda[0]}.x runs on (minor-version compatibility); CUDA {shown(cuda_text, QUOTE_LIMIT)} cannot "
+            f"run on it")
     elif own and driver < _version_tuple(own):
         warnings.append(
-            f"nvidia_driver.version: driver {driver_text} is below {own}, the driver CUDA {cuda_text} was "
+            f"nvidia_driver.version: driver {shown(driver_text, QUOTE_LIMIT)} is below {own}, the driver CUDA "
+            f"{cuda_text} was "
             f"released with: it runs under minor-version compatibility only (no PTX JIT of newer PTX)")
     for key, text in (("nccl.package", data["nccl"].get("package")),
                       ("nccl.artifact.file", data["nccl"]["artifact"]["file"]),
@@ -302,11 +383,13 @@ def compatibility(data: dict) -> tuple[list[str], list[str]]:
                       ("cudnn.artifact.file", data["cudnn"]["artifact"]["file"])):
         built = _built_for_cuda(text)
         if built is not None and built != cuda[0]:
-            problems.append(f"{key}: {text!r} is built for CUDA {built}, but cuda.version is {cuda_text}")
+            problems.append(f"{key}: {quote(text)} is built for CUDA {built}, but cuda.version is "
+                            f"{shown(cuda_text, QUOTE_LIMIT)}")
     fm = data.get("fabricmanager")
     if fm and str(fm["version"]) != driver_text:
         problems.append(
-            f"fabricmanager.version: {fm['version']} is not the driver's version {driver_text}; fabric manager "
+            f"fabricmanager.version: {shown(fm['version'], QUOTE_LIMIT)} is not the driver's version "
+            f"{shown(driver_text, QUOTE_LIMIT)}; fabric manager "
             f"refuses to start unless both are the same")
     return problems, warnings
 
@@ -322,15 +405,16 @@ def _cross_checks(data: dict, problems: list[str]) -> None:
             local = spec.version.partition("+")[2]
             if local.startswith("cu") and tag and local != tag:
                 problems.append(
-                    f"venv.requirements[{i}]: {text!r} is built for {local} but cuda.version is "
-                    f"{data['cuda']['version']} ({tag})"
+                    f"venv.requirements[{i}]: {quote(text)} is built for {shown(local, QUOTE_LIMIT)} but "
+                    f"cuda.version is {shown(data['cuda']['version'], QUOTE_LIMIT)} ({shown(tag, QUOTE_LIMIT)})"
                 )
     pkg = data["nccl"].get("package")
     if pkg and not pkg.startswith(data["nccl"]["version"] + "-"):
-        problems.append(f"nccl.package: {pkg!r} does not match nccl.version {data['nccl']['version']!r}")
+        problems.append(f"nccl.package: {quote(pkg)} does not match nccl.version {quote(data['nccl']['version'])}")
     pkg = data["cudnn"].get("package")
     if pkg and not pkg.startswith(data["cudnn"]["version"] + "-"):
-        problems.append(f"cudnn.package: {pkg!r} does not match cudnn.version {data['cudnn']['version']!r}")
+        problems.append(f"cudnn.package: {quote(pkg)} does not match cudnn.version "
+                        f"{quote(data['cudnn']['version'])}")
     problems.extend(compatibility(data)[0])
 
 
@@ -360,20 +444,124 @@ def validate_stack(data: Any, source: str = "<stack>") -> dict:
     return data
 
 
-def _read_yaml(path: Path) -> Any:
+class YamlRefused(ValueError):
+    """YAML text that is not read: malformed, nested too deeply, or expanding past MAX_VALUES values."""
+
+    def __init__(self, reason: str, line: int | None = None, column: int | None = None):
+        self.reason, self.line, self.column = reason, line, column
+        super().__init__(reason)
+
+    @property
+    def where(self) -> str:
+        return f":{self.line}:{self.column}" if self.line is not None else ""
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root, limit: int = MAX_VALUES) -> None:
+    """Refuse a composed YAML tree that holds more than ``limit`` values once every alias is expanded,
+    or an alias inside the value it names. Aliases share one node, so the expanded count is summed
+    once per distinct node (linear in the text), never by walking the expansion."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    todo = [(root, False)]
+    while todo:
+        node, finished = todo.pop()
+        key = id(node)
+        if finished:
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            open_nodes.discard(key)
+            if sizes[key] > limit:
+                mark = node.start_mark
+                raise YamlRefused(f"YAML aliases here expand to more than {limit} values (a stack holds a few "
+                                  f"hundred)", mark.line + 1, mark.column + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            mark = node.start_mark
+            raise YamlRefused("a YAML alias inside the value it names (a recursive structure)",
+                              mark.line + 1, mark.column + 1)
+        open_nodes.add(key)
+        todo.append((node, True))
+        todo.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document whose aliases expand past MAX_VALUES values before
+    anything is built from it (building shares aliased values; it is whatever walks them that hangs)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text -> data (safe types only), or :class:`YamlRefused` with a one-line reason."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StackError([f"{path}: no such file"]) from None
-    except OSError as exc:
-        raise StackError([f"{path}: cannot read ({exc.strerror})"]) from None
-    try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 -- a SafeLoader subclass
+    except YamlRefused:
+        raise
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise StackError([f"{path}{where}: not valid YAML ({reason})"]) from None
+        reason = getattr(exc, "problem", None) or (str(exc).splitlines() or ["malformed"])[0]
+        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise YamlRefused(f"not valid YAML ({clip(reason)})", line, column) from None
+    except RecursionError:
+        raise YamlRefused("not valid YAML (nested too deeply)") from None
+    except ValueError as exc:  # an integer past Python's digit limit, a date like 2026-13-45
+        raise YamlRefused(f"not valid YAML ({clip((str(exc).splitlines() or ['a value that cannot be read'])[0])})") \
+            from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file of at most MAX_BYTES bytes of UTF-8, or StackError."""
+    where = shown(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise StackError([f"{where}: no such file"]) from None
+    except OSError as exc:
+        raise StackError([f"{where}: cannot read ({exc.strerror or type(exc).__name__})"]) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise StackError([f"{where}: is a directory, not a stack file"])
+    if not stat.S_ISREG(info.st_mode):
+        raise StackError([f"{where}: not a regular file"])
+    too_big = f"{where}: larger than {MAX_BYTES // 1024 // 1024} MiB (a stack file or manifest is a few KiB)"
+    if info.st_size > MAX_BYTES:
+        raise StackError([too_big])
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise StackError([f"{where}: cannot read ({exc.strerror or type(exc).__name__})"]) from None
+    if len(raw) > MAX_BYTES:
+        raise StackError([too_big])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StackError([f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          f"a stack file or manifest is YAML in UTF-8"]) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    text = _read_text(path)
+    where = shown(path)
+    try:
+        data = load_yaml_text(text)
+    except YamlRefused as exc:
+        raise StackError([f"{where}{exc.where}: {exc.reason}"]) from None
+    if data is None:
+        raise StackError([f"{where}: empty (no YAML document)"])
+    return data
 
 
 def stack_dirs() -> list[Path]:
@@ -391,19 +579,25 @@ def available_stacks() -> list[str]:
     return sorted(names)
 
 
+_STACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
 def resolve_stack(name_or_path: str) -> Path:
     """A stack name (``cu117``) or a file path (``./my.yml``) → the file to load."""
     candidate = Path(name_or_path)
     looks_like_path = "/" in name_or_path or candidate.suffix in (".yml", ".yaml")
     if looks_like_path:
         return candidate
+    known = ", ".join(available_stacks()) or "none found"
+    if not _STACK_NAME.fullmatch(name_or_path):
+        raise StackError([f"{quote(name_or_path)} is not a stack name (letters, digits, . _ -; known stacks: "
+                          f"{known}) or a file path"])
     for d in stack_dirs():
         for suffix in (".yml", ".yaml"):
             path = d / f"{name_or_path}{suffix}"
             if path.is_file():
                 return path
-    known = ", ".join(available_stacks()) or "none found"
-    raise StackError([f"no stack named {name_or_path!r} (known stacks: {known}; or give a file path)"])
+    raise StackError([f"no stack named {quote(name_or_path)} (known stacks: {known}; or give a file path)"])
 
 
 @dataclass
@@ -434,8 +628,8 @@ class Stack:
 def load_stack(name_or_path: str) -> Stack:
     path = resolve_stack(name_or_path)
     data = _read_yaml(path)
-    data = validate_stack(data, str(path))
-    return Stack(data, str(path), warnings=[f"{path}: {w}" for w in stack_warnings(data)])
+    data = validate_stack(data, shown(path))
+    return Stack(data, str(path), warnings=[f"{shown(path)}: {w}" for w in stack_warnings(data)])
 
 
 NODE_OVERRIDES = Map({}, NODE_FIELDS)
@@ -452,6 +646,6 @@ def load_manifest(path: str | os.PathLike = DEFAULT_MANIFEST) -> Stack:
     Map({"schema": Int(SCHEMA_VERSION, SCHEMA_VERSION), "stack": Map({}, {})},
         {"node": NODE_OVERRIDES, "host": Str(), "written_at": Str()})(outer, "", problems)
     if problems:
-        raise StackError([f"{path}: {p}" for p in problems])
-    stack = validate_stack(data["stack"], f"{path} (stack)")
+        raise StackError([f"{shown(path)}: {p}" for p in problems])
+    stack = validate_stack(data["stack"], f"{shown(path)} (stack)")
     return Stack(stack, str(path), dict(data.get("node") or {}))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -209,3 +210,168 @@ def test_finetune_refuses_to_overwrite_verifys_metrics_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peftnode finetune: error: --prom ") and "verify`" in err[0]
     assert prom.read_text() == before
+
+
+# --- hostile stack files and flags: exit 2, one short line, nothing run ----------------------------------------
+
+STACK_DATA = ROOT / "tests" / "data" / "stacks"
+VERIFY = str(Path(sys.executable).parent / "peftnode-verify")
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch, tmp_path):
+    """Fail the test if the CLI gets as far as running a check; give the path of a JSON report that must
+    not be written either."""
+    import checks.cli as cli
+
+    def refuse(*args, **kwargs):
+        pytest.fail("a check ran although the command line was bad")
+
+    monkeypatch.setattr(cli, "run_checks", refuse)
+    report = tmp_path / "report.json"
+    yield report
+    assert not report.exists(), "a report was written although the command line was bad"
+
+
+def usage_error(capsys, argv, *needles, entry=main, prog="peftnode verify") -> str:
+    """Run ``entry(argv)`` in this process: exit 2, one short line on stderr holding every needle."""
+    assert entry(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1, captured.err
+    line = captured.err.rstrip("\n")
+    assert line.startswith(f"{prog}: error: ") and len(line) <= 400, line
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("alias-bomb-name.yml", ":12:5: YAML aliases here expand to more than 100000 values"),
+    ("alias-recursive.yml", ":5:17: a YAML alias inside the value it names"),
+    ("binary.yml", ": not UTF-8 text (byte 0x8b at offset 1)"),
+    ("latin1.yml", ": not UTF-8 text (byte 0xe9 at offset 5)"),
+    ("empty.yml", ": empty (no YAML document)"),
+    ("comments-only.yml", ": empty (no YAML document)"),
+])
+@pytest.mark.parametrize("flag", ["--stack", "--manifest"])
+def test_a_hostile_stack_or_manifest_exits_2_before_anything_runs(name, needle, flag, capsys, nothing_runs):
+    path = STACK_DATA / name
+    usage_error(capsys, [flag, str(path), "--json", str(nothing_runs), "--no-progress"], f"{path}{needle}")
+
+
+def test_the_alias_bomb_answers_at_once_from_the_console_script(tmp_path):
+    """The issue's hang: peftnode-verify given a stack whose name is an alias bomb never answered. It must
+    answer within a couple of seconds (the limit here leaves room for a loaded CI machine), without writing
+    a report."""
+    report = tmp_path / "r.json"
+    started = time.monotonic()
+    proc = subprocess.run([VERIFY, "--stack", str(STACK_DATA / "alias-bomb-name.yml"), "--json", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+    elapsed = time.monotonic() - started
+    assert_usage_error(proc, "YAML aliases here expand to more than 100000 values")
+    assert proc.stdout == "" and not report.exists()
+    assert elapsed < 15, elapsed
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda p: p.mkdir(), ": is a directory, not a stack file"),
+    (lambda p: p.write_bytes(b"#" * (1024 * 1024 + 1)), ": larger than 1 MiB"),
+    (lambda p: os.mkfifo(p), ": not a regular file"),
+])
+def test_a_directory_a_huge_file_or_a_fifo_exits_2(tmp_path, build, needle, capsys, nothing_runs):
+    path = tmp_path / "stack.yml"
+    build(path)
+    usage_error(capsys, ["--stack", str(path), "--json", str(nothing_runs)], f"{path}{needle}")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--only", ""], "--only: '' names no check or group"),
+    (["--only", ","], "--only: ',' names no check or group"),
+    (["--only", " , ,"], "--only: ' , ,' names no check or group"),
+    (["--only", "system", "--only", ""], "--only: '' names no check or group"),
+    (["--only", "system,"], "--only: 'system,' has an empty name (a stray comma?)"),
+    (["--only", "system,,gpu"], "--only: 'system,,gpu' has an empty name"),
+    (["--skip", ""], "--skip: '' names no check or group"),
+    (["--skip", ","], "--skip: ',' names no check or group"),
+    (["--only", "sys\ntem"], "--only: 'sys\\ntem' is not a check or group name"),
+    (["--only", "x" * 100_000], "--only: 'xxxxxxxx"),
+    (["--stack", ""], "--stack: empty"),
+    (["--manifest", ""], "--manifest: empty"),
+    (["--stack", "cu\x1b[2J117"], "'cu\\x1b[2J117' is not a stack name"),
+    (["--gpus", "\u00b2"], "--gpus: '\u00b2' is not a whole number from 0 to 64"),  # isdigit() says yes, int() no
+    (["--gpus", "0" * 5000], "--gpus: '000000"),  # past Python's int digit limit
+    (["--jobs", "\u0663"], "--jobs: '\u0663' is not a whole number"),  # an Arabic-Indic 3
+    (["--timeout", "9" * 100_000], "--timeout: '999999"),
+    (["--json", ""], "--json: empty; give a file path"),
+    (["--junit", "/tmp/" + "x" * 5000], "--junit: cannot write '/tmp/xxxxx"),
+])
+def test_hostile_flags_exit_2_on_one_short_line(argv, needle, capsys, nothing_runs):
+    usage_error(capsys, [*argv, "--json", str(nothing_runs)] if "--json" not in argv else argv, needle)
+
+
+def test_a_model_is_checked_before_anything_runs(tmp_path, capsys, nothing_runs):
+    no_config = tmp_path / "empty-model"
+    no_config.mkdir()
+    report = ["--json", str(nothing_runs), "--no-progress"]
+    usage_error(capsys, ["--model", str(tmp_path / "nowhere"), *report],
+                f"--model: model directory {tmp_path / 'nowhere'} does not exist (give tiny, random:bloomz-560m")
+    usage_error(capsys, ["--model", str(no_config), *report],
+                f"--model: model directory {no_config} has no config.json")
+    usage_error(capsys, ["--model", "random:nosuch", *report], "--model: unknown random model 'random:nosuch'")
+    usage_error(capsys, ["--model", "", *report], "--model: empty")
+    usage_error(capsys, ["--model", "m\x1b[31m", *report], "--model: 'm\\x1b[31m' is not tiny")
+    usage_error(capsys, ["--model", "random:" + "x" * 100_000, *report], "--model: 'random:xxxx")
+    usage_error(capsys, ["--model", "/" + "x" * 300, *report], "--model: cannot use '/xxxx", "File name too long")
+
+
+def test_the_stacks_own_model_path_and_tiny_are_accepted_at_start(tmp_path):
+    """The stack's model.path being absent is the node's state (the fine-tune fails naming it and how to fetch
+    it), not a bad flag: given explicitly it is accepted, like tiny."""
+    stack_path = yaml.safe_load((ROOT / "stacks" / "cu117.yml").read_text())["model"]["path"]
+    for model in (stack_path, "tiny"):
+        assert main(["--model", model, "--only", "system.os", "--gpus", "0", "--no-progress",
+                     "--json", str(tmp_path / "r.json")]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["options"]["model"] == model
+
+
+BOMB_VALUE = "{x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], " + ", ".join(
+    f"x{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)) + "}"
+
+
+@pytest.mark.parametrize("value, needles", [
+    (f"perf={BOMB_VALUE}", ["--expect: perf: cannot read '{x0: &a0", "YAML aliases here expand to more than 100000"]),
+    (f"gpu_model={BOMB_VALUE}", ["--expect: gpu_model: cannot read", "expand to more than 100000"]),
+    ("data_path=/" + "d" * 100_000, ["--expect: data_path: '/ddd", "is 100001 characters long (at most 4096)"]),
+    ("gpu_model=\x1b]0;owned\x07", ["--expect: gpu_model: cannot read '\\x1b]0;owned\\x07'",
+                                    "unacceptable character #x001b"]),
+    ("gpus=\x00", ["--expect: gpus: cannot read '\\x00'", "unacceptable character #x0000"]),
+    ("gpus=" + "9" * 5000, ["--expect: gpus: cannot read '99999", "Exceeds the limit (4300 digits)"]),
+    ("gpus=\u202e8", ["--expect: gpus: expected an integer, got str '\\u202e8'"]),
+    ("min_free_gib={data: .nan}", ["--expect: min_free_gib.data: nan is not a finite number"]),
+    ("perf={gemm_tflops: -.inf}", ["--expect: perf.gemm_tflops: -inf is not a finite number"]),
+    ("gpus=[" + "[" * 20_000, ["--expect: gpus: cannot read '[[[[", "nested too deeply"]),
+    ("x" * 100_000 + "=1", ["--expect: 'xxxxx", "is not KEY=VALUE"]),
+    ("min_free_gib={" + ", ".join(f"k{i}: 1" for i in range(5000)) + "}",
+     ["--expect: min_free_gib.k0: unknown key", "min_free_gib.k2: unknown key", "; ... and 4997 more problem(s)"]),
+])
+def test_hostile_expect_values_exit_2_on_one_short_line(value, needles, capsys, nothing_runs):
+    usage_error(capsys, ["--expect", value, "--json", str(nothing_runs)], *needles)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--methods", ""], "--methods: '' names no method"),
+    (["--methods", ","], "--methods: ',' names no method"),
+    (["--methods", "lora,"], "--methods: 'lora,' has an empty name"),
+    (["--methods", "lo ra"], "--methods: 'lo ra' is not a method name"),
+    (["--methods", "x" * 100_000], "--methods: 'xxxx"),
+    (["--model", "random:nosuch"], "--model: unknown random model 'random:nosuch'"),
+    (["--model", "random:" + "x" * 100_000], "--model: 'random:xxxx"),
+    (["--model", "random:" + "x" * 1000], "--model: unknown random model 'random:xxxx"),
+    (["--model", "/" + "x" * 300], "--model: cannot use '/xxxx"),
+    (["--model", "tiny\n"], "--model: 'tiny\\n' is not tiny"),
+])
+def test_hostile_finetune_flags_exit_2_on_one_short_line(argv, needle, capsys, nothing_runs):
+    from checks.cli import finetune_main
+
+    usage_error(capsys, [*argv, "--json", str(nothing_runs)], needle, entry=finetune_main, prog="peftnode finetune")
