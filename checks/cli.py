@@ -510,7 +510,7 @@ def run_finetune(argv: list[str]) -> int:
         return EXIT_HEALTHY
     # A missing model directory stays a fail naming how to fetch it here (tests/test_finetune_cli.py); verify
     # refuses one given by --model at the start.
-    spec = parse_model(args.model, stack, allow_download=args.allow_download, refuse_missing=False)
+    spec = parse_model(args.model, stack, allow_download=args.allow_download)
     try:
         names = [] if distributed else expand(methods, defaults)
     except MethodError as exc:  # names are bounded by parse_names; the message lists every known method

@@ -79,15 +79,27 @@ def test_flags_parse():
     assert not args.list_methods and not args.allow_download and args.methods is None
 
 
-def test_a_missing_model_exits_1_naming_the_path(tmp_path, capsys):
-    missing = tmp_path / "nowhere"
+def test_the_stacks_own_missing_model_is_a_fail_naming_how_to_fetch_it(tmp_path, capsys):
+    """The stack's model.path absent is the node's state: exit 1 with the fetch hint in the report."""
     report = tmp_path / "report.json"
-    assert finetune_main(["--model", str(missing), "--json", str(report), "--no-progress"]) == 1
+    missing = "/data/models/bloomz-560m"
+    if Path(missing).exists():
+        pytest.skip(f"{missing} exists on this machine")
+    assert finetune_main(["--stack", "cu117", "--json", str(report), "--no-progress"]) == 1
     data = json.loads(report.read_text())
     (result,) = data["results"]
-    assert result["name"] == "finetune.methods" and result["status"] == "fail" and str(missing) in result["message"]
+    assert result["name"] == "finetune.methods" and result["status"] == "fail" and missing in result["message"]
     assert "git lfs clone" in result["remediation"]
-    assert data["exit_code"] == 1 and data["options"]["model"] == str(missing)
+    assert data["exit_code"] == 1
+
+
+def test_a_mistyped_model_directory_exits_2_before_anything_runs(tmp_path, capsys, nothing_runs):
+    missing = tmp_path / "nowhere"
+    report = tmp_path / "report.json"
+    assert finetune_main(["--model", str(missing), "--json", str(report), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftnode finetune: error: --model: ") and str(missing) in err[0]
+    assert not report.exists()
 
 
 @pytest.mark.parametrize("flag", ["--list-methods", "--list"])
