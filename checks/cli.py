@@ -246,9 +246,9 @@ def _clip(message: str, limit: int = 300) -> str:
     return message if len(message) <= limit else message[:limit - 3] + "..."
 
 
-def parse_model(text: str | None, stack: Stack, allow_download: bool = False, refuse_missing: bool = True):
+def parse_model(text: str | None, stack: Stack, allow_download: bool = False):
     """The model spec of ``--model`` (None: the stack's ``model.path``), checked before anything runs: tiny,
-    random:<known shape>, or (``refuse_missing``) a model directory that holds a config.json; exit 2 otherwise.
+    random:<known shape>, or a model directory that holds a config.json; exit 2 otherwise.
     The stack's own ``model.path`` is never refused here: that it is missing is the node's state, which the
     fine-tune reports as a fail naming how to fetch it."""
     from checks.finetune.model import ModelSpecError, parse_model_spec
@@ -264,7 +264,7 @@ def parse_model(text: str | None, stack: Stack, allow_download: bool = False, re
     except OSError as exc:  # a name too long, a path through a file
         raise UsageError(f"--model: cannot use {quote(text)}: {exc.strerror or type(exc).__name__}") from None
     own = text is None or (stack_model.get("path") and Path(text.strip()) == Path(str(stack_model["path"])))
-    if missing and refuse_missing and not own:
+    if missing and not own:
         raise UsageError(f"--model: {_clip(missing)} (give tiny, random:bloomz-560m or a saved model "
                          f"directory)")
     return spec

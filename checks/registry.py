@@ -228,8 +228,9 @@ def select(specs: list[CheckSpec], only=None, skip=None) -> list[CheckSpec]:
             elif tok in names:
                 picked.add(tok)
             else:
+                from checks.stack import quote  # here: a bare node's Python may lack yaml
                 raise UsageError(
-                    f"{flag}: unknown check or group {tok!r} (groups: {', '.join(groups)}; "
+                    f"{flag}: unknown check or group {quote(tok)} (groups: {', '.join(groups)}; "
                     f"checks: see 'invoke verify --list')"
                 )
         return picked

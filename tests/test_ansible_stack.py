@@ -279,3 +279,24 @@ def test_site_and_verify_read_one_list_of_supported_releases():
     listed = yaml.safe_load(system.SUPPORTED_OS_FILE.read_text())
     assert system.SUPPORTED_OS == {e["id"]: tuple(e["releases"]) for e in listed}
     assert {"CentOS", "Rocky", "AlmaLinux", "RedHat", "Debian", "Ubuntu"} == {e["distribution"] for e in listed}
+
+
+@pytest.mark.parametrize("name", ["alias-bomb-name.yml", "binary.yml"])
+def test_a_hostile_stack_file_fails_the_play_quickly_at_the_stack(tmp_path, name):
+    """An alias bomb or a binary file given to the Ansible lookup fails the play at its first task with the
+    loader's own short text, in seconds (before, a bomb in `name` hung whatever loaded it)."""
+    import time
+
+    path = Path(__file__).resolve().parent / "data" / "stacks" / name
+    with pytest.raises(StackError) as raised:
+        load_stack(str(path))
+    started = time.monotonic()
+    proc = playbook(tmp_path, "playbooks/stack-info.yml", "-i", "localhost,", "-e", f"peftnode_stack_name={path}")
+    took = time.monotonic() - started
+    assert proc.returncode != 0, explain(proc)
+    failed = result_of(proc.stdout, "Load and validate the stack file")
+    assert failed["status"] == "fatal", failed
+    msg = failed["result"]["msg"]
+    assert raised.value.problems[0] in msg and len(msg) < 2000, msg
+    assert [r["task"] for r in results(proc.stdout)] == ["Load and validate the stack file"]
+    assert took < 60, f"{took:.1f} s"

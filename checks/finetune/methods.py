@@ -118,7 +118,8 @@ def expand(requested, defaults=SEED_METHODS) -> list[str]:
         picked = list(defaults) + known if tok == ALL else [tok]
         for name in picked:
             if name not in known:
-                raise MethodError(f"--methods: unknown method {name!r} (known: all, {', '.join(known)})")
+                from checks.stack import quote  # here: a bare node's Python may lack yaml
+                raise MethodError(f"--methods: unknown method {quote(name)} (known: all, {', '.join(known)})")
             if name not in out:
                 out.append(name)
     return out

@@ -93,10 +93,12 @@ def parse_model_spec(text: str | None, stack_model: dict | None = None, allow_do
         shape = text[len(RANDOM_PREFIX):]
         if shape not in SHAPES or shape == TINY:
             known = ", ".join(RANDOM_PREFIX + s for s in SHAPES if s != TINY)
-            raise ModelSpecError(f"--model: unknown random model {text!r} (known: {known}, tiny)")
+            from checks.stack import quote  # here: a bare node's Python may lack yaml
+            raise ModelSpecError(f"--model: unknown random model {quote(text)} (known: {known}, tiny)")
         return ModelSpec("random", text, shape=shape)
     if ":" in text.split("/", 1)[0] and not Path(text).exists():
-        raise ModelSpecError(f"--model: {text!r} is not tiny, random:<name> or a model directory")
+        from checks.stack import quote  # here: a bare node's Python may lack yaml
+        raise ModelSpecError(f"--model: {quote(text)} is not tiny, random:<name> or a model directory")
     if stack_model.get("path") and Path(text) == Path(stack_model["path"]):
         return ModelSpec("path", text, path=text, repo=repo, allow_download=allow_download)
     # Another directory: a repo id only when the user allows downloads and it is not a local path.
