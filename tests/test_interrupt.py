@@ -20,7 +20,7 @@ from checks import proc
 from checks.report.jsonreport import load_schema
 from checks.result import Status, Verdict
 from tests.conftest import ROOT
-from tests.helpers.procs import gone
+from tests.helpers.procs import default_sigint, gone
 
 
 def runs_a_command(ctx):
@@ -80,7 +80,7 @@ def test_ctrl_c_keeps_what_finished_and_kills_every_kind_of_child(tmp_path):
             sys.exit(130)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while True:  # every running kind has started: the grandchild's pid, 3 workers and the command's sleep
         assert time.monotonic() < deadline and child.poll() is None, "the checks never all started"
@@ -113,7 +113,7 @@ def test_ctrl_c_during_the_fine_tune_keeps_the_finished_methods_and_writes_every
             "--model", "tiny", "--methods", "lora,ia3,prompt_tuning", "--steps", "200", "--workers", "1",
             "--json", str(report), "--prom", str(prom), "--junit", str(junit)]
     child = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint)
     seen = []
     deadline = time.monotonic() + 50
     for line in child.stderr:  # the progress stream: wait for the first method's outcome

@@ -18,7 +18,7 @@ from checks.result import Status
 from checks.runner import blocked_roots, effective_timeout, run_checks, run_in_process, run_isolated
 from tests.conftest import ROOT
 from tests.helpers import fake_checks
-from tests.helpers.procs import gone
+from tests.helpers.procs import default_sigint, gone
 
 
 def spec(func: str, isolate=True, timeout_s=None, slow=False, name=None, **extra) -> CheckSpec:
@@ -261,7 +261,8 @@ def test_ctrl_c_kills_the_shared_worker_and_its_children(tmp_path):
             print("interrupted", flush=True)
             sys.exit(130)
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline, "the check never started"

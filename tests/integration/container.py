@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.procs import default_sigint
+
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("PEFTNODE_CONVERGE_CACHE", ROOT / ".cache" / "converge"))
 WORK = Path(tempfile.gettempdir()) / "peftnode-ci"  # container trees, keys, logs: one dir per machine
@@ -638,13 +640,6 @@ def start_playbook(node: Container, playbook_path: Path, extra_vars: dict, *, la
     return PlaybookProcess(node, argv, timeout, node.dir / f"{label}.log", timings=node.dir / f"{label}.timings.jsonl")
 
 
-def _default_sigint() -> None:
-    """In the child, before exec: SIGINT back to its default action. A shell without job control
-    starts background commands (``pytest … &``, a CI runner's) with SIGINT ignored, and children
-    inherit that: ansible-playbook would then shrug off the Ctrl-C the fault tests send it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class PlaybookProcess:
     """One ansible-playbook (or ansible) in its own process group, its output read by a thread:
     ``wait_for`` a line, ``interrupt`` it as Ctrl-C does (SIGINT to the whole process group), ``wait``
@@ -665,7 +660,7 @@ class PlaybookProcess:
         self._cond = threading.Condition()
         self._timed_out = threading.Event()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=ROOT, start_new_session=True, preexec_fn=_default_sigint)
+                                     env=env, cwd=ROOT, start_new_session=True, preexec_fn=default_sigint)
         self.pid = self.proc.pid
         self._watchdog = threading.Timer(timeout, self._kill)
         self._watchdog.start()
