@@ -170,6 +170,8 @@ def check_writable(flag: str, path: str | None) -> None:
         raise UsageError(f"{flag}: empty; give a file path")
     if not path or (path == "-" and flag == "--json"):
         return
+    if path == "-":  # standard output carries the console report, or --json's document
+        raise UsageError(f"{flag}: '-' (standard output) is for --json only; give a file path")
     target = Path(path)
     parent = target.parent if str(target.parent) else Path(".")
     try:

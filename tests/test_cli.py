@@ -375,3 +375,13 @@ def test_hostile_finetune_flags_exit_2_on_one_short_line(argv, needle, capsys, n
     from checks.cli import finetune_main
 
     usage_error(capsys, [*argv, "--json", str(nothing_runs)], needle, entry=finetune_main, prog="peftnode finetune")
+
+
+@pytest.mark.parametrize("flag", ["--junit", "--prom"])
+def test_only_json_may_go_to_standard_output(flag, tmp_path, monkeypatch, capsys):
+    """`--junit -` / `--prom -` would have written a file named '-' in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--only", "system.os", "--no-progress", flag, "-"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag}: '-' (standard output) is for --json only" in err[0]
+    assert not (tmp_path / "-").exists()
