@@ -503,6 +503,22 @@ class _BoundedLoader(yaml.SafeLoader):
             _check_expansion(node)
         return node
 
+    def construct_mapping(self, node, deep=False):
+        """Refuse a key given twice in one mapping: YAML would keep the last silently, so an operator's
+        second ``nccl:`` section (or a pasted ``version:``) would hide the first without a word."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                mark, key = key_node.start_mark, (key_node.tag, key_node.value)
+                if key in seen:
+                    raise YamlRefused(f"key {quote(key_node.value)} is given twice in one mapping (first on line "
+                                      f"{seen[key]}); YAML would silently keep only the last", mark.line + 1,
+                                      mark.column + 1)
+                seen[key] = mark.line + 1
+        return super().construct_mapping(node, deep)
+
 
 def load_yaml_text(text: str) -> Any:
     """YAML text -> data (safe types only), or :class:`YamlRefused` with a one-line reason."""

@@ -19,6 +19,7 @@ from checks.stack import (
     available_stacks,
     load_manifest,
     load_stack,
+    load_yaml_text,
     quote,
     resolve_stack,
     validate_stack,
@@ -522,3 +523,28 @@ def test_random_mutations_through_the_cli_exit_2_on_one_line_or_reach_the_run(tm
             assert code == 0 and err == "", (code, err)
         codes.append(code)
     assert codes.count(2) > 20 and codes.count(0) == len(reached) > 0, codes
+
+
+@pytest.mark.parametrize("where, text", [
+    ("top level", "description: first\ndescription: second\n"),
+    ("nested", "site_notes:\n  version: 2.14.3\n  home: /opt/nccl\n  version: 2.18.1\n"),
+    ("flow mapping", "site_notes: {name: a, name: b}\n"),
+])
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path, capsys, where, text):
+    """YAML keeps the last of two equal keys without a word, so an operator's second section would hide
+    the first; the stack is refused instead, by the loader and by the CLI (exit 2, nothing run)."""
+    from checks.cli import main
+
+    path = tmp_path / "dup.yml"
+    path.write_text((REPO_STACKS / "cu117.yml").read_text() + text)
+    with pytest.raises(StackError) as raised:
+        load_stack(str(path))
+    assert "is given twice in one mapping" in str(raised.value), where
+    report = tmp_path / "r.json"
+    assert main(["--stack", str(path), "--only", "system.os", "--no-progress", "--json", str(report)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "given twice" in err[0] and not report.exists()
+
+
+def test_a_merge_key_may_still_override_what_it_merges():
+    assert load_yaml_text("base: &b {x: 1, y: 2}\nmine: {<<: *b, x: 3}\n")["mine"] == {"x": 3, "y": 2}
