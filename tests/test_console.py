@@ -22,11 +22,15 @@ from rich.cells import cell_len
 from rich.console import Console
 
 import checks
-from checks.registry import CheckSpec, Context
+from checks.registry import Context
 from checks.report import Report
 from checks.report.console import problems, render_console, summary_line, summary_parts
-from checks.result import Result, Status, Value, Verdict
+from checks.result import Result, Status, Value
 from checks.runner import run_checks
+from tests.helpers.fake_checks import driver_missing as _driver_missing
+from tests.helpers.fake_checks import fine as _fine
+from tests.helpers.fake_checks import spec_of as _spec
+from tests.helpers.fake_checks import toolkit_crashes as _toolkit_crashes
 from tests.helpers.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,20 +94,8 @@ def test_passes_and_skips_collapse_to_a_count_per_group():
     assert lines[8:] == ["7 checks: 3 pass, 1 skip, 1 warn, 1 error, 1 fail in 3.2 s -> UNHEALTHY (exit 1)"]
 
 
-def _driver_missing(ctx):
-    return Verdict(Status.FAIL, "NVIDIA driver not loaded")
 
 
-def _toolkit_crashes(ctx):
-    raise RuntimeError("nvcc vanished")
-
-
-def _fine(ctx):
-    return Verdict(Status.PASS, "fine")
-
-
-def _spec(name: str, func, needs: tuple[str, ...] = ()) -> CheckSpec:
-    return CheckSpec(name, name.split(".")[0], name, f"{__name__}:{func.__name__}", needs=needs)
 
 
 def _blocked_report() -> Report:

@@ -19,11 +19,15 @@ from pathlib import Path
 import pytest
 
 from checks.cli import main
-from checks.registry import CheckSpec, Context
+from checks.registry import Context
 from checks.report import Report
 from checks.report.junit import check_name, render_junit, to_junit_element, write_junit
-from checks.result import GpuId, Result, Status, Value, Verdict
+from checks.result import GpuId, Result, Status, Value
 from checks.runner import run_checks
+from tests.helpers.fake_checks import driver_missing as _driver_missing
+from tests.helpers.fake_checks import fine as _fine
+from tests.helpers.fake_checks import nothing_to_do as _nothing_to_do
+from tests.helpers.fake_checks import spec_of as _spec
 from tests.helpers.tools import missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,20 +341,8 @@ def test_the_validator_rejects_what_the_xsd_forbids(mutate, schemas):
 # --------------------------------------------------------------------------- root causes (blocked checks)
 
 
-def _driver_missing(ctx):
-    return Verdict(Status.FAIL, "NVIDIA driver not loaded")
 
 
-def _fine(ctx):
-    return Verdict(Status.PASS, "fine")
-
-
-def _nothing_to_do(ctx):
-    return Verdict(Status.SKIP, "single node; nothing to test")
-
-
-def _spec(name: str, func, needs: tuple[str, ...] = ()) -> CheckSpec:
-    return CheckSpec(name, name.split(".")[0], name, f"{__name__}:{func.__name__}", needs=needs)
 
 
 def test_a_root_cause_carries_its_blocked_count(tmp_path, schemas):

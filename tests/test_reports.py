@@ -11,14 +11,19 @@ import pytest
 from rich.console import Console
 
 import checks
-from checks.registry import CheckSpec, Context
+from checks.registry import Context
 from checks.report import REPORT_SCHEMA, Report
 from checks.report.console import render_console, summary_line
 from checks.report.jsonreport import load_schema, to_json_dict, write_json
 from checks.report.junit import render_junit
 from checks.report.markdown import append_step_summary, render_markdown
-from checks.result import Result, Status, Value, Verdict
+from checks.result import Result, Status, Value
 from checks.runner import run_checks
+from tests.helpers.fake_checks import driver_missing as _driver_missing
+from tests.helpers.fake_checks import fine as _fine
+from tests.helpers.fake_checks import nothing_to_do as _nothing_to_do
+from tests.helpers.fake_checks import spec_of as _spec
+from tests.helpers.fake_checks import toolkit_crashes as _toolkit_crashes
 
 STARTED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 NASTY = 'driver said "no" | retry <now> & later\nsecond line'
@@ -266,24 +271,9 @@ def _console_text(report: Report) -> str:
 # --------------------------------------------------------------------------- root causes (blocked checks)
 
 
-def _driver_missing(ctx):
-    return Verdict(Status.FAIL, "NVIDIA driver not loaded")
 
 
-def _toolkit_crashes(ctx):
-    raise RuntimeError("nvcc vanished")
 
-
-def _fine(ctx):
-    return Verdict(Status.PASS, "fine")
-
-
-def _nothing_to_do(ctx):
-    return Verdict(Status.SKIP, "single node; nothing to test")
-
-
-def _spec(name: str, func, needs: tuple[str, ...] = ()) -> CheckSpec:
-    return CheckSpec(name, name.split(".")[0], name, f"{__name__}:{func.__name__}", needs=needs)
 
 
 def _blocked_run(two_roots: bool) -> Report:

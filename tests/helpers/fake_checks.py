@@ -81,3 +81,29 @@ def records_interval(ctx):
 def sleeps_then_passes(ctx):
     time.sleep(float(ctx.options.get("first_s", 0.3)))
     return Verdict(Status.PASS, "slept")
+
+
+# Stand-ins for the blocked-by (root cause) tests of the renderers: a failed driver, a crashing toolkit.
+
+
+def driver_missing(ctx):
+    return Verdict(Status.FAIL, "NVIDIA driver not loaded")
+
+
+def toolkit_crashes(ctx):
+    raise RuntimeError("nvcc vanished")
+
+
+def fine(ctx):
+    return Verdict(Status.PASS, "fine")
+
+
+def nothing_to_do(ctx):
+    return Verdict(Status.SKIP, "single node; nothing to test")
+
+
+def spec_of(name: str, func, needs: tuple[str, ...] = ()):
+    """A CheckSpec for one of these stand-ins, in the group its name starts with."""
+    from checks.registry import CheckSpec
+
+    return CheckSpec(name, name.split(".")[0], name, f"{func.__module__}:{func.__name__}", needs=needs)
