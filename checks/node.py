@@ -21,6 +21,7 @@ class PerfExpect:
     d2h_gbps: float | None = None  # pinned device -> host, per GPU
     allreduce_busbw_gbps: float | None = None  # NCCL all-reduce bus bandwidth across the node's GPUs
     allreduce_bytes: int | None = None  # message size of the all-reduce measurement
+    pair_busbw_gbps: float | None = None  # all-reduce bus bandwidth between two nodes (verify.yml's pairs)
     floor_ratio: float | None = None  # below expected x floor_ratio -> fail
     outlier_ratio: float | None = None  # below the node's median x outlier_ratio -> fail
 

@@ -262,6 +262,7 @@ NODE_FIELDS: dict[str, Check] = {
         "d2h_gbps": Number(),  # pinned device -> host
         "allreduce_busbw_gbps": Number(),  # NCCL all-reduce bus bandwidth across the node's GPUs
         "allreduce_bytes": Int(1),  # message size of the all-reduce measurement
+        "pair_busbw_gbps": Number(),  # all-reduce bus bandwidth between two nodes (verify.yml's pairs)
         "floor_ratio": Number(),  # below expected x floor_ratio -> fail
         "outlier_ratio": Number(),  # below the node's median x outlier_ratio -> fail
     }),

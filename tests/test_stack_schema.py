@@ -59,7 +59,7 @@ def _full() -> dict:
         "jupyter_url": "http://127.0.0.1:9999/lab", "mig": False,
         "cuda_home": "/usr/local/cuda-11.7", "nccl_home": "/usr/local/cuda-11.7", "cudnn_home": "/usr/local/cuda-11.7",
         "perf": {"gemm_tflops": 250, "copy_tbps": 1.6, "h2d_gbps": 20, "d2h_gbps": 20, "allreduce_busbw_gbps": 150,
-                 "allreduce_bytes": 1 << 28, "floor_ratio": 0.7, "outlier_ratio": 0.85},
+                 "allreduce_bytes": 1 << 28, "pair_busbw_gbps": 40.0, "floor_ratio": 0.7, "outlier_ratio": 0.85},
     })
     return data
 
