@@ -1,7 +1,9 @@
 """peftnode's menu: `invoke --list`. Each task is thin: it parses flags and calls into `checks`.
 
-`invoke verify` and `invoke finetune` are generated from the one argparse definition of `peftnode-verify`
-and `peftnode-finetune` (`checks/cli.py`: `build_parser()`, `build_finetune_parser()`): every flag, short
+`invoke verify`, `invoke finetune` and `invoke fleet-report` are generated from the one argparse definition of
+`peftnode-verify`, `peftnode-finetune` and `peftnode-fleet-report` (`checks/cli.py`: `build_parser()`,
+`build_finetune_parser()`, `build_fleet_parser()`; a positional such as fleet-report's DIR becomes invoke's
+positional argument, also spelled `--dir`): every flag, short
 flag, alias and help text is the parser's, and the task rebuilds the command line and calls the same entry,
 so the two ways in cannot drift apart. Adaptations of invoke itself, made here because invoke imports this
 file before it parses any task flag, and tested through a real `invoke` process in tests/test_tasks.py:
@@ -86,7 +88,13 @@ def to_arguments(parser: argparse.ArgumentParser) -> list[Argument]:
     """One invoke Argument per argparse flag: the same long and short names, dest, kind and help."""
     out = []
     for action in flag_actions(parser):
-        if any(not s.startswith("-") for s in action.option_strings) or not action.option_strings:
+        if not action.option_strings:  # a positional (fleet-report's DIR): invoke's positional argument
+            if action.nargs is not None or not isinstance(action, argparse._StoreAction):
+                raise TypeError(f"{action.dest}: only a single-value positional has an invoke counterpart in tasks.py")
+            out.append(ArgparseArgument(names=[action.dest], kind=str, default=None, positional=True,
+                                        help=_help(parser, action), metavar=_metavar(action)))
+            continue
+        if any(not s.startswith("-") for s in action.option_strings):
             raise TypeError(f"{action.dest}: positional arguments have no invoke counterpart in tasks.py")
         longs = [s[2:] for s in action.option_strings if s.startswith("--")]
         shorts = [s[1:] for s in action.option_strings if not s.startswith("--")]
@@ -108,7 +116,12 @@ def to_arguments(parser: argparse.ArgumentParser) -> list[Argument]:
 def to_argv(parser: argparse.ArgumentParser, values: dict) -> list[str]:
     """The console script's command line for the values invoke parsed (keyed by dest)."""
     argv: list[str] = []
+    positionals: list[str] = []
     for action in flag_actions(parser):
+        if not action.option_strings:
+            if values.get(action.dest) is not None:
+                positionals.append(str(values[action.dest]))
+            continue
         flag, kind, value = _long(action), _kind(action), values.get(action.dest)
         if kind is bool:
             argv += [flag] if value else []
@@ -117,7 +130,7 @@ def to_argv(parser: argparse.ArgumentParser, values: dict) -> list[str]:
             argv += [f"{flag}={item}" for item in items]  # `=`: a value may start with '-' (`--json -`)
         elif value is not None:
             argv.append(f"{flag}={value}")
-    return argv
+    return argv + (["--", *positionals] if positionals else [])  # `--`: a directory may start with '-'
 
 
 class ArgparseTask(Task):
@@ -160,7 +173,9 @@ verify = ArgparseTask("verify", cli.build_parser, "main", "peftnode-verify",
                       "Exit 0 healthy, 1 unhealthy, 2 bad usage.")
 finetune = ArgparseTask("finetune", cli.build_finetune_parser, "finetune_main", "peftnode-finetune",
                         "Exit 0 pass, 1 fail, 2 bad usage.")
-GENERATED = {t.name: t for t in (verify, finetune)}
+fleet_report = ArgparseTask("fleet-report", cli.build_fleet_parser, "fleet_main", "peftnode-fleet-report",
+                            "Exit 0 healthy, 1 any node failed, errored or has no report, 2 bad usage.")
+GENERATED = {t.name: t for t in (verify, finetune, fleet_report)}
 
 
 # --- invoke adaptations: bad flags exit 2 with one line; --help shows metavars ------------------------------
@@ -263,6 +278,7 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
     for action in flag_actions(parser):
         meta = _metavar(action)
         names = ", ".join(f"`{s}{' ' + meta if meta and s.startswith('--') else ''}`" for s in action.option_strings)
+        names = names or f"`{meta}` (positional)"
         if _kind(action) is list:
             names += " (repeatable)"
         rows.append(f"| {names.replace('|', chr(92) + '|')} | {_help(parser, action).replace('|', chr(92) + '|')} |")

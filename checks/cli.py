@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", metavar="SECONDS",
                    help=f"per-check timeout for isolated checks, overriding each check's own (default: the check's "
                         f"own, else {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML report here")
     p.add_argument("--list", action="store_true", help="list the checks and groups, then exit")
     return p
 
@@ -286,7 +288,7 @@ def run(argv: list[str]) -> int:
     chosen = select(specs, only, skip)
     if not chosen:
         raise UsageError("--only/--skip leave no check to run")
-    for flag in ("json", "junit", "prom"):
+    for flag in ("json", "junit", "prom", "html"):
         check_writable(f"--{flag}", getattr(args, flag))
     check_prom_owner(args.prom, PROG)
     stack, from_manifest = resolve(args)
@@ -362,15 +364,21 @@ def write_reports(report: Report, args) -> None:
     if json_to_stdout:
         sys.stdout.write(dumps(report))
         sys.stdout.flush()
-    writers = {"json": write_json, "junit": write_junit, "prom": write_prom}
+    writers = {"json": write_json, "junit": write_junit, "prom": write_prom, "html": _write_html}
     for flag, writer in writers.items():
-        path = getattr(args, flag)
+        path = getattr(args, flag, None)
         if path and not (flag == "json" and json_to_stdout):
             try:
                 writer(report, path)
             except OSError as exc:
                 raise UsageError(f"--{flag}: cannot write {path}: {exc.strerror or exc}") from None
     append_step_summary(report)
+
+
+def _write_html(report: Report, path: str) -> None:
+    from checks.report.html import write_html  # imported only when --html is given
+
+    write_html(report, path)
 
 
 def guarded(run_fn, argv: list[str] | None, prog: str) -> int:
@@ -540,6 +548,153 @@ def finetune_main(argv: list[str] | None = None) -> int:
 def finetune_console_main() -> None:
     """The ``peftnode-finetune`` console script."""
     sys.exit(finetune_main())
+
+
+# --- invoke fleet-report / peftnode-fleet-report: one view of a fleet's verify reports ------------------------
+
+FLEET_PROG = "peftnode fleet-report"
+
+
+def build_fleet_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=FLEET_PROG, allow_abbrev=False,
+                description="Show a fleet's verify reports as one table: the worst status per node and group, the "
+                            "failures grouped by cause, performance outliers against the fleet median, version "
+                            "drift; optionally drain the failing nodes in Slurm.")
+    p.add_argument("dir", metavar="DIR", nargs=None,
+                   help="the run directory verify.yml wrote (reports/<run-id>: run.json, <host>.json, "
+                        "<host>.noreport.json, pairs/)")
+    p.add_argument("--json", metavar="FILE", help="write the fleet JSON here ('-': to standard output, and the "
+                                                  "console report to standard error)")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here: one testsuite per node, one testcase per "
+                                                   "check")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML fleet report here")
+    p.add_argument("--stack", metavar="NAME|FILE",
+                   help="judge drift against this stack too (not only the fleet majority); its "
+                        "node.perf.outlier_ratio applies (default: the run's stack from run.json, else 0.9)")
+    p.add_argument("--outlier-ratio", metavar="X",
+                   help="a figure below the fleet median (same GPU model) times X is an outlier (0 < X <= 1)")
+    p.add_argument("--drain", action="store_true",
+                   help="print `scontrol update NodeName=<n> State=DRAIN Reason=\"peftnode: <check>: <reason>\"` "
+                        "for every failing node (nodes Slurm holds for someone else's reason are left alone)")
+    p.add_argument("--resume", action="store_true",
+                   help="print `scontrol update NodeName=<n> State=RESUME` for nodes that now pass and that Slurm "
+                        "holds with a reason starting 'peftnode:' (no other node is touched)")
+    p.add_argument("--apply", action="store_true", help="with --drain / --resume: run the scontrol commands")
+    p.add_argument("--node-names", choices=("inventory", "hostname"), metavar="inventory|hostname",
+                   help="Slurm node names: the inventory host name (default) or the hostname the node's report "
+                        "records, each up to its first dot")
+    p.add_argument("--version", action="version", version=f"%(prog)s {checks.__version__}")
+    return p
+
+
+def _outlier_ratio(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise UsageError(f"--outlier-ratio: {quote(text)} is not a number above 0 and at most 1 (e.g. 0.9)")
+    return value
+
+
+def _fleet_stack(args, run) -> Stack | None:
+    """--stack, else the run's stack when run.json names one this checkout has (silently none otherwise)."""
+    if args.stack == "":
+        raise UsageError("--stack: empty; give a stack name or a file")
+    if args.stack:
+        return load_stack(args.stack)
+    if run.stack:
+        try:
+            return load_stack(run.stack)
+        except StackError:
+            return None
+    return None
+
+
+def run_fleet(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from checks.figures import thresholds
+    from checks.fleet import build_fleet, load_run, slurm
+    from checks.fleet.render import dumps_fleet, render_fleet_console, write_fleet_json, write_fleet_junit
+
+    args = build_fleet_parser().parse_args(argv)
+    ratio = _outlier_ratio(args.outlier_ratio)
+    if args.apply and not (args.drain or args.resume):
+        raise UsageError("--apply runs what --drain or --resume prints: give one of them")
+    if args.apply and shutil.which("scontrol") is None:
+        raise UsageError("--apply: scontrol not found on PATH (run on a Slurm controller or login node, or leave "
+                         "out --apply to print the commands)")
+    for flag in ("json", "junit", "html"):
+        check_writable(f"--{flag}", getattr(args, flag))
+    if args.dir == "":
+        raise UsageError("DIR: empty; give the run directory")
+    run = load_run(args.dir)
+    stack = _fleet_stack(args, run)
+    drift_stack = stack if args.stack else None  # drift against a stack only when asked for
+    if ratio is None:
+        ratio = thresholds(stack.expect().perf if stack is not None else None)[1]
+    fleet = build_fleet(run, drift_stack, ratio)
+    states = None
+    if args.resume or args.apply:
+        states = slurm.read_states()  # exit 2 when sinfo is missing: these need Slurm's view
+    elif args.drain:
+        try:
+            states = slurm.read_states()
+        except UsageError as exc:
+            print(f"{FLEET_PROG}: warning: {exc}; listing every failing node", file=sys.stderr)
+
+    json_to_stdout = args.json == "-"
+    stream = sys.stderr if json_to_stdout else sys.stdout
+    console = Console(file=stream) if stream.isatty() else Console(file=stream, width=160)
+    render_fleet_console(fleet, console)
+    if json_to_stdout:
+        sys.stdout.write(dumps_fleet(fleet))
+        sys.stdout.flush()
+
+    def html(fl, path):
+        from checks.report.html import write_fleet_html  # imported only when --html is given
+
+        write_fleet_html(fl, run.reports, path)
+
+    writers = {"json": write_fleet_json, "junit": lambda fl, path: write_fleet_junit(fl, run.reports, path),
+               "html": html}
+    for flag, writer in writers.items():
+        path = getattr(args, flag)
+        if path and not (flag == "json" and json_to_stdout):
+            try:
+                writer(fleet, path)
+            except OSError as exc:
+                raise UsageError(f"--{flag}: cannot write {path}: {exc.strerror or exc}") from None
+
+    code = fleet["exit_code"]
+    for wanted, planner, what in ((args.drain, slurm.plan_drain, "drain"), (args.resume, slurm.plan_resume, "resume")):
+        if not wanted:
+            continue
+        plan = planner(fleet, states, args.node_names or "inventory")
+        print(f"\n# {what}: {len(plan.commands)} node(s)" + (" (running them)" if args.apply else ""), file=stream)
+        for note in plan.notes:
+            print(f"# {note}", file=stream)
+        for argv_ in plan.commands:
+            print(slurm.shell_line(argv_), file=stream)
+        if args.apply:
+            failed = slurm.apply(plan.commands)
+            for line in failed:
+                print(f"{FLEET_PROG}: scontrol failed: {line}", file=sys.stderr)
+            if failed:
+                code = max(code, 1)
+    return code
+
+
+def fleet_main(argv: list[str] | None = None) -> int:
+    return guarded(run_fleet, argv, FLEET_PROG)
+
+
+def fleet_console_main() -> None:
+    """The ``peftnode-fleet-report`` console script."""
+    sys.exit(fleet_main())
 
 
 if __name__ == "__main__":
