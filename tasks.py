@@ -313,6 +313,8 @@ LINTERS = (
     ("yamllint", [str(BIN / "yamllint"), "-s", "."]),
     ("ansible-lint", [str(BIN / "ansible-lint"), "--offline"]),
     ("syntax-check", [str(BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,", "site.yml"]),
+    # .github/workflows/*.yml; not installed -> fails saying to run scripts/install-actionlint
+    ("actionlint", [str(ROOT / "scripts" / "actionlint")]),
 )
 
 
