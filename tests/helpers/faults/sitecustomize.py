@@ -20,6 +20,10 @@ torchrun ranks (``checks.finetune.ranks``), TARGET ``rank<N>``:
     ``crash``            the rank aborts as it starts its second training step (after recording that stage)
     ``diverge``          the rank's first adapter tensor is moved by 1e-3 before the adapters are compared, as a
                          broken all-reduce would leave it
+
+pair all-reduce ranks (``checks.nccl.pairs``, under torchrun on two "nodes"), TARGET ``pairs.rank<N>``:
+    ``corrupt``          the rank contributes rank+2 instead of rank+1 to the checked all-reduce (a wrong sum)
+    ``absent``           the rank exits (status 1) before it announces itself: a node whose worker never joins
 """
 
 from __future__ import annotations
@@ -112,7 +116,29 @@ def patch_ranks(module) -> None:
     module.load_lora, module.digest, module.Status.stage = load_lora, digest, stage
 
 
-PATCHES = {"checks.finetune.run": patch_run, "checks.finetune.ranks": patch_ranks}
+# --- checks.nccl.pairs (separate from the fine-tune's targets above) ---
+
+
+def patch_pairs(module) -> None:
+    faults = FAULTS.get(f"pairs.rank{os.environ.get('RANK', '')}", set())
+    if not faults:
+        return
+    real_fill, real_measure = module.fill_contribution, module.measure
+
+    def fill_contribution(buf, rank):
+        real_fill(buf, rank)
+        if "corrupt" in faults:
+            buf.add_(1.0)
+
+    def measure(args, env):
+        if "absent" in faults:
+            os._exit(1)
+        return real_measure(args, env)
+
+    module.fill_contribution, module.measure = fill_contribution, measure
+
+
+PATCHES = {"checks.finetune.run": patch_run, "checks.finetune.ranks": patch_ranks, "checks.nccl.pairs": patch_pairs}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
