@@ -55,6 +55,10 @@ class Value:
     def __str__(self) -> str:
         if isinstance(self.value, float):
             text = f"{self.value:.4g}"
+        elif isinstance(self.value, (list, tuple)) and len(self.value) > 6:
+            # a series (a loss per step): its length and ends, not hundreds of numbers on a console line
+            ends = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in (self.value[0], self.value[-1])]
+            text = f"[{len(self.value)} values: {ends[0]} … {ends[1]}]"
         else:
             text = str(self.value)
         return f"{text} {self.unit}" if self.unit else text

@@ -366,7 +366,9 @@ def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record, on_
     rec.metrics |= {"train_s": round(elapsed, 4), "steps_per_s": round(steps / elapsed, 3),
                     "tokens_per_s": round(tokens / elapsed, 1), "train_tokens": tokens,
                     "first_train_loss": losses[0] if losses else None,
-                    "last_train_loss": losses[-1] if losses else None}
+                    "last_train_loss": losses[-1] if losses else None,
+                    # the curve the HTML report draws per method
+                    "train_losses": [round(x, 4) for x in losses]}
     if adalora:
         total = getattr(model.peft_config["default"], "total_step", None)
         ok = bool(total) and total == steps and allocate_calls == steps

@@ -46,6 +46,9 @@ class MethodRun:
                           ("wall_s", "s")):
             if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]):
                 measured[key] = Value(m[key], unit)
+        losses = m.get("train_losses")
+        if isinstance(losses, list) and losses and all(isinstance(x, (int, float)) for x in losses):
+            measured["train_losses"] = Value(losses)  # one per step: the HTML report's loss curve
         if m.get("peak_memory_bytes") is not None:
             measured["peak_memory"] = Value(round(m["peak_memory_bytes"] / 2**20, 1), "MiB")
         judged = self.status in (Status.PASS, Status.FAIL)
