@@ -135,7 +135,8 @@ def test_the_fleet_table_names_every_node_its_worst_status_and_the_causes(run_di
     status = {n["host"]: n["status"] for n in doc["nodes"]}
     assert status == {"node01": "pass", "node02": "pass", "node03": "warn", "node04": "fail", "node05": "fail",
                       "node06": "no report", "node07": "no report"}
-    assert doc["counts"] == {"nodes": 7, "pass": 2, "warn": 1, "fail": 2, "error": 0, "no report": 2}
+    assert doc["counts"] == {"nodes": 7, "pass": 2, "warn": 1, "fail": 2, "error": 0, "no report": 2,
+                             "pairs": 0, "pairs_failed": 0}
     assert (doc["verdict"], doc["exit_code"]) == ("UNHEALTHY", 1)
     nodes = {n["host"]: n for n in doc["nodes"]}
     assert nodes["node04"]["groups"]["gpu"] == "fail" and nodes["node04"]["groups"]["perf"] == "pass"
@@ -443,3 +444,33 @@ def test_sinfo_states_drop_flags_and_keep_the_held_partition():
     got = parse_sinfo("n1|idle|none\nn1|drain*|peftnode: gpu.ecc: x|y\nn2|mix~|(null)\nbad line\n")
     assert (got["n1"].state, got["n1"].reason) == ("drain", "peftnode: gpu.ecc: x|y")
     assert (got["n2"].state, got["n2"].reason) == ("mix", "")
+
+
+def _pair(a: str, b: str, status: str, busbw: float) -> dict:
+    return {"schema": "peftnode.fleet.pair/1", "hosts": [a, b], "backend": "nccl", "world_size": 16,
+            "nproc_per_node": 8, "status": status, "message": f"busbw {busbw} GB/s", "busbw_gbps": busbw,
+            "algbw_gbps": busbw * 16 / 30, "expected_gbps": 40.0, "floor_ratio": 0.7, "sizes": [],
+            "started_at": "2026-12-02T16:00:00Z", "duration_s": 3.0}
+
+
+@pytest.mark.slow
+def test_a_failing_pair_makes_the_fleet_unhealthy_and_the_node_in_two_is_the_suspect(run_dir, tmp_path):
+    hosts = ["n1", "n2", "n3", "n4"]
+    for host in hosts:  # four healthy nodes: only the pairs can make this fleet unhealthy
+        shutil.copy(run_dir / "node01.json", tmp_path / f"{host}.json")
+    (tmp_path / "pairs").mkdir()
+    ring = [("n1", "n2", "pass", 41.0), ("n2", "n3", "fail", 9.0), ("n3", "n4", "fail", 8.5),
+            ("n4", "n1", "pass", 40.2)]
+    for a, b, status, bw in ring[:1] + ring[3:]:
+        (tmp_path / "pairs" / f"{a}--{b}.json").write_text(json.dumps(_pair(a, b, status, bw)))
+    healthy = fleet(str(tmp_path), cwd=tmp_path)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "0 of 2 pairs failing" in healthy.stdout.splitlines()[-1]
+    for a, b, status, bw in ring[1:3]:
+        (tmp_path / "pairs" / f"{a}--{b}.json").write_text(json.dumps(_pair(a, b, status, bw)))
+    proc, data = _fleet_json(tmp_path, tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert data["counts"]["pairs_failed"] == 2 and data["verdict"] == "UNHEALTHY"
+    assert data["pair_suspects"] == [{"host": "n3", "failing_pairs": 2}]
+    assert "Likely link fault (NIC, cable, switch port) at: n3 (2 failing pairs)" in proc.stdout
+    assert "n2 + n3: FAIL" in proc.stdout

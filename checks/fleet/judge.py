@@ -300,6 +300,20 @@ def _node(host: str, run) -> dict:
             "hostname": (report.get("host") or {}).get("hostname")}
 
 
+def pair_suspects(pairs: list[dict]) -> list[dict]:
+    """The nodes that the failing pairs point at. Around verify.yml's ring every node is in two pairs, so a
+    bad NIC or cable shows as both pairs of one node failing while its neighbours' other pairs pass: a node
+    in two or more failing pairs is the suspect. One failing pair alone names both of its nodes."""
+    bad: dict[str, int] = {}
+    for p in pairs:
+        if p.get("status") not in ("pass", "warn"):
+            for host in p.get("hosts") or []:
+                bad[str(host)] = bad.get(str(host), 0) + 1
+    twice = sorted(h for h, n in bad.items() if n >= 2)
+    chosen = twice or sorted(bad)
+    return [{"host": h, "failing_pairs": bad[h]} for h in chosen]
+
+
 def build_fleet(run, stack=None, outlier_ratio: float | None = None, now: datetime | None = None) -> dict:
     """The fleet JSON of a loaded :class:`checks.fleet.load.Run`. ``stack``: a :class:`checks.stack.Stack`
     to judge drift against (and whose node.perf.outlier_ratio applies); ``outlier_ratio`` overrides it."""
@@ -320,7 +334,9 @@ def build_fleet(run, stack=None, outlier_ratio: float | None = None, now: dateti
         if node["status"] == "pass" and node["host"] in flagged:
             node["status"] = "warn"
     counts = {"nodes": len(nodes), **{s: sum(n["status"] == s for n in nodes) for s in STATUSES}}
-    unhealthy = counts["fail"] + counts["error"] + counts[NO_REPORT]
+    bad_pairs = [p for p in run.pairs if p.get("status") not in ("pass", "warn")]
+    counts["pairs"], counts["pairs_failed"] = len(run.pairs), len(bad_pairs)
+    unhealthy = counts["fail"] + counts["error"] + counts[NO_REPORT] + len(bad_pairs)
     return {
         "schema": FLEET_SCHEMA, "run_id": run.run_id,
         "generated_at": (now or datetime.now(timezone.utc)).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -328,6 +344,7 @@ def build_fleet(run, stack=None, outlier_ratio: float | None = None, now: dateti
         "verdict": "UNHEALTHY" if unhealthy else "HEALTHY", "exit_code": 1 if unhealthy else 0,
         "counts": counts, "groups": groups, "nodes": nodes, "causes": causes(nodes),
         "outliers": found_outliers, "drift": found_drift, "pairs": list(run.pairs),
+        "pair_suspects": pair_suspects(run.pairs),
         "outlier_ratio": outlier_ratio, "stack": stack.name if stack is not None else None,
         "notes": list(run.notes),
     }

@@ -69,7 +69,8 @@ def fleet_table(fleet: dict, width: int) -> tuple[Table, dict[str, str]]:
 def summary_line(fleet: dict) -> str:
     c = fleet["counts"]
     parts = ", ".join(f"{c[s]} {s}" for s in ("pass", "warn", "fail", "error", NO_REPORT))
-    return f"{c['nodes']} nodes: {parts} -> {fleet['verdict']} (exit {fleet['exit_code']})"
+    pairs = f"; {c['pairs_failed']} of {c['pairs']} pairs failing" if c.get("pairs") else ""
+    return f"{c['nodes']} nodes: {parts}{pairs} -> {fleet['verdict']} (exit {fleet['exit_code']})"
 
 
 def _nodes(n: int) -> str:
@@ -134,6 +135,12 @@ def render_fleet_console(fleet: dict, console: Console) -> None:
             if status != "pass" and p.get("message"):
                 line.append(f": {p['message']}")
             out(line)
+
+    suspects = fleet.get("pair_suspects") or []
+    if suspects:
+        names = ", ".join(f"{s['host']} ({s['failing_pairs']} failing pair{'s' if s['failing_pairs'] > 1 else ''})"
+                          for s in suspects)
+        out(Text(f"Likely link fault (NIC, cable, switch port) at: {names}", style="red"))
 
     verdict = Text("\n" + summary_line(fleet), style="bold red" if fleet["exit_code"] else "bold green")
     out(verdict)
