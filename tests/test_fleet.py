@@ -474,3 +474,24 @@ def test_a_failing_pair_makes_the_fleet_unhealthy_and_the_node_in_two_is_the_sus
     assert data["pair_suspects"] == [{"host": "n3", "failing_pairs": 2}]
     assert "Likely link fault (NIC, cable, switch port) at: n3 (2 failing pairs)" in proc.stdout
     assert "n2 + n3: FAIL" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_fleet_json_written_into_the_run_directory_is_not_read_as_a_node(run_dir, tmp_path):
+    for host in ("node01", "node02"):
+        shutil.copy(run_dir / f"{host}.json", tmp_path / f"{host}.json")
+    first = fleet(str(tmp_path), "--json", str(tmp_path / "fleet.json"), cwd=tmp_path)  # as verify.yml does
+    assert first.returncode == 0, first.stdout + first.stderr
+    (tmp_path / "out").mkdir()
+    again, data = _fleet_json(tmp_path, tmp_path / "out")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [n["host"] for n in data["nodes"]] == ["node01", "node02"]
+
+
+def test_a_cause_keeps_a_subject_that_is_not_a_gpu():
+    from checks.fleet.judge import cause_check
+
+    gpu = {"index": 1, "uuid": "GPU-1", "pci_bus_id": "00000000:3B:00.0", "serial": "1"}
+    assert cause_check({"check": "gpu.ecc[gpu1]", "gpu": gpu}) == "gpu.ecc"
+    assert cause_check({"check": "system.disk[data]", "gpu": None}) == "system.disk[data]"
+    assert cause_check({"check": "python.packages[torch]"}) == "python.packages[torch]"

@@ -20,9 +20,10 @@ from collections import Counter
 from datetime import datetime, timezone
 
 import checks
+from checks.fleet.load import FLEET_REPORT_SCHEMA
 from checks.result import Status
 
-FLEET_SCHEMA = "peftnode.fleet.report/1"
+FLEET_SCHEMA = FLEET_REPORT_SCHEMA  # one name for the schema, defined where the loader needs it too
 NO_REPORT = "no report"
 STATUSES = ("pass", "warn", "fail", "error", NO_REPORT)
 PER_GPU_METRICS = ("gemm_tflops", "copy_tbps", "h2d_gbps", "d2h_gbps")
@@ -39,6 +40,13 @@ VERSION_SOURCES = {"driver": ("gpu.driver", "driver"), "cuda": ("cuda.toolkit", 
 def base_check(name: str) -> str:
     """``gpu.ecc`` for ``gpu.ecc[gpu3]``."""
     return name[: name.index("[")] if name.endswith("]") and "[" in name else name
+
+
+def cause_check(failure: dict) -> str:
+    """The check a failure is grouped and drained under: without the subject when the subject is a GPU (the
+    same fault on GPU 1 and GPU 5 is one cause), with it otherwise (system.disk[data] and
+    python.packages[torch] are not system.disk and python.packages)."""
+    return base_check(failure["check"]) if failure.get("gpu") else failure["check"]
 
 
 def _value(result: dict, key: str):
@@ -163,7 +171,7 @@ def causes(nodes: list[dict]) -> list[dict]:
                 entry["examples"].append(node["reason"])
             continue
         for f in node["failures"]:
-            check = base_check(f["check"])
+            check = cause_check(f)
             text = normalise(f["message"], hosts)
             key = (check, f["status"], text)
             entry = groups.setdefault(key, {"cause": f"{check}: {text}", "check": check, "status": f["status"],

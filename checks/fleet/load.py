@@ -21,6 +21,7 @@ RUN_SCHEMA = "peftnode.fleet.run/1"
 NOREPORT_SCHEMA = "peftnode.fleet.noreport/1"
 REPORT_SCHEMA = "peftnode.verify.report/1"
 PAIR_SCHEMA = "peftnode.fleet.pair/1"
+FLEET_REPORT_SCHEMA = "peftnode.fleet.report/1"  # checks.fleet.judge.FLEET_SCHEMA: fleet-report's own JSON
 MAX_BYTES = 64 << 20  # a verify report is tens of kB; anything this big is not one
 
 
@@ -44,6 +45,13 @@ class Run:
     missing: dict[str, NoReport] = field(default_factory=dict)  # host -> why there is no report
     pairs: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # unreadable run.json / pair files, said on the console
+
+
+def _is_fleet_report(path: Path) -> bool:
+    try:
+        return _read_json(path).get("schema") == FLEET_REPORT_SCHEMA
+    except ValueError:
+        return False
 
 
 def _read_json(path: Path) -> dict:
@@ -105,6 +113,8 @@ def load_run(directory: str | Path) -> Run:
     noreport_hosts = [n[: -len(".noreport.json")] for n in names if n.endswith(".noreport.json")]
     report_hosts = [n[: -len(".json")] for n in names
                     if n.endswith(".json") and n != "run.json" and not n.endswith(".noreport.json")]
+    # fleet-report's own output may sit in the run directory (verify.yml writes fleet.json there): not a node
+    report_hosts = [h for h in report_hosts if not _is_fleet_report(root / f"{h}.json")]
     listed = meta.get("hosts") if isinstance(meta.get("hosts"), list) else None
     hosts = [str(h) for h in listed] if listed is not None else []
     hosts += [h for h in sorted(set(report_hosts) | set(noreport_hosts)) if h not in hosts]

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from checks.fleet.judge import NO_REPORT, base_check
+from checks.fleet.judge import NO_REPORT, cause_check
 from checks.registry import UsageError
 
 REASON_MAX = 64
@@ -64,7 +64,7 @@ def node_reason(node: dict) -> str:
     if node["status"] == NO_REPORT:
         return drain_reason(NO_REPORT, (node["reason"] or "").removeprefix(f"{NO_REPORT}: "))
     first = node["failures"][0]
-    return drain_reason(base_check(first["check"]), first["message"])
+    return drain_reason(cause_check(first), first["message"])
 
 
 def parse_sinfo(text: str) -> dict[str, SlurmNode]:
