@@ -320,7 +320,7 @@ LINTERS = (
 
 @task
 def lint(c):
-    """Lint everything: ruff, yamllint, ansible-lint, and ansible-playbook --syntax-check site.yml."""
+    """Lint everything: ruff, yamllint, ansible-lint, ansible-playbook --syntax-check site.yml, actionlint."""
     failed = []
     for name, argv in LINTERS:
         print(f"--- {name}: {' '.join(shlex.quote(a) for a in argv)}", flush=True)
