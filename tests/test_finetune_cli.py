@@ -187,10 +187,11 @@ def test_the_console_script_goes_through_checks_cli():
 
 
 def test_no_module_under_checks_imports_the_cli():
-    """checks/cli.py is the entry: the checks never call up into it."""
+    """checks/cli.py is the entry: the checks never call up into it (a package's __main__.py is an entry as the
+    console scripts are: `python -m checks.fleet`)."""
     offenders = []
     for path in sorted((ROOT / "checks").rglob("*.py")):
-        if path == ROOT / "checks" / "cli.py":
+        if path == ROOT / "checks" / "cli.py" or path.name == "__main__.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []

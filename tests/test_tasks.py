@@ -73,7 +73,7 @@ def test_every_argparse_flag_is_the_same_invoke_flag_and_there_is_no_other(name)
 
 def test_lint_and_test_keep_their_own_flags():
     ctxs = contexts()
-    assert set(ctxs) == {"verify", "finetune", "lint", "test"}
+    assert set(ctxs) == {"verify", "finetune", "fleet-report", "lint", "test"}
     assert set(ctxs["test"].flag_names()) == {"--args", "-a", "--quick", "-q"}
     assert set(ctxs["lint"].flag_names()) == set()
 
