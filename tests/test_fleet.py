@@ -495,3 +495,30 @@ def test_a_cause_keeps_a_subject_that_is_not_a_gpu():
     assert cause_check({"check": "gpu.ecc[gpu1]", "gpu": gpu}) == "gpu.ecc"
     assert cause_check({"check": "system.disk[data]", "gpu": None}) == "system.disk[data]"
     assert cause_check({"check": "python.packages[torch]"}) == "python.packages[torch]"
+
+
+def _hosts_the_slow_way(text: str, hosts: list[str]) -> str:
+    """The rule as a regex per host, longest first: what the one-pass replacement must agree with."""
+    import re
+
+    for host in sorted((h for h in hosts if h), key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-]){re.escape(host)}(?![\w-])", "<host>", text)
+    return text
+
+
+def test_host_names_are_replaced_in_one_pass_as_a_regex_per_host_would():
+    import random
+
+    from checks.fleet.judge import _host_replacer
+
+    hosts = ["node01", "node1", "gpu-a01", "gpu-a01.cluster.example", "10.0.0.7", "n:odd", "node01x"]
+    replace = _host_replacer(tuple(hosts))
+    assert replace("ssh to node01.cluster failed; node01. xnode01 node01x node1-b") == \
+        "ssh to <host>.cluster failed; <host>. xnode01 <host> node1-b"
+    assert replace("gpu-a01.cluster.example and gpu-a01.other and 10.0.0.7:22 and n:odd") == \
+        "<host> and <host>.other and <host>:22 and <host>"
+    rng = random.Random(9)
+    pieces = hosts + ["x", ".", "-", " ", ":", "(", ")", "GPU 3", "node", "01", "a01", "cluster", "_"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        assert replace(text) == _hosts_the_slow_way(text, hosts), text

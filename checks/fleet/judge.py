@@ -18,6 +18,7 @@ import re
 import statistics
 from collections import Counter
 from datetime import datetime, timezone
+from functools import lru_cache
 
 import checks
 from checks.fleet.load import FLEET_REPORT_SCHEMA
@@ -136,12 +137,40 @@ _XID = re.compile(r"\b(Xid)\s+(\d+)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)*(?![\w])")
 
 
+_WORD = re.compile(r"(?<![\w.-])[\w.-]+")  # a run of host-name characters, from where a host name can start
+
+
+@lru_cache(maxsize=8)
+def _host_replacer(hosts: tuple[str, ...]):
+    """A function replacing every host name of ``hosts`` in a text by ``<host>``, in one pass over the text
+    whatever the number of hosts (a regex per host made fleet-report quadratic: 5 s of 6.6 for 300 nodes).
+    A host name is a whole run of host-name characters, or its part before a dot (node01 in node01.cluster);
+    names with other characters (rare in an inventory) get a regex of their own."""
+    plain = frozenset(h for h in hosts if h and _WORD.fullmatch(h))
+    odd = [re.compile(rf"(?<![\w.-]){re.escape(h)}(?![\w-])")
+           for h in sorted((h for h in hosts if h and h not in plain), key=len, reverse=True)]
+
+    def one(m: re.Match) -> str:
+        word = m.group(0)
+        cut = len(word)
+        while cut > 0:  # the longest leading part that is a host: the whole word, then before each dot
+            if word[:cut] in plain:
+                return "<host>" + word[cut:]
+            cut = word.rfind(".", 0, cut)
+        return word
+
+    def replace(text: str) -> str:
+        for rx in odd:
+            text = rx.sub("<host>", text)
+        return _WORD.sub(one, text) if plain else text
+
+    return replace
+
+
 def normalise(message: str, hosts: list[str] = ()) -> str:
     """The message with what differs between nodes and GPUs replaced: the grouping key of a cause. Xid
     numbers stay (Xid 79 and Xid 48 are different causes)."""
-    text = " ".join(message.split())
-    for host in sorted((h for h in hosts if h), key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-]){re.escape(host)}(?![\w-])", "<host>", text)
+    text = _host_replacer(tuple(hosts))(" ".join(message.split()))
     text = _UUID.sub("GPU-<uuid>", text)
     text = _PCI.sub("<pci>", text)
     text = _SERIAL.sub("serial <serial>", text)
