@@ -694,3 +694,18 @@ def test_offline_preflight_lists_the_seed_gpu_stack_artifacts(tmp_path):
         assert any(p.startswith(f"{component}: {file}: {no_sha}") for p in problems) != has_sha, problems
     assert role_tasks_ran(proc.stdout) == []
     assert recap(proc.stdout)["localhost"]["changed"] == 0
+
+
+def test_node_verify_accepts_every_node_expectation_verify_knows():
+    """peftnode_node_expectations is written into the manifest verify reads: its argument spec takes exactly
+    the keys of checks.node.Node (and of its perf and min_free_gib parts), so a key added to verify cannot be
+    refused by the role (pair_busbw_gbps was, until this test)."""
+    from dataclasses import fields
+
+    from checks.node import MinFree, Node, PerfExpect
+
+    spec = yaml.safe_load((ROLES / "peftnode_node_verify/meta/argument_specs.yml").read_text())
+    options = spec["argument_specs"]["main"]["options"]["peftnode_node_expectations"]["options"]
+    assert set(options) == {f.name for f in fields(Node)}
+    assert set(options["perf"]["options"]) == {f.name for f in fields(PerfExpect)}
+    assert set(options["min_free_gib"]["options"]) == {f.name for f in fields(MinFree)}

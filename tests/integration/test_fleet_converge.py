@@ -31,7 +31,8 @@ pytestmark = pytest.mark.converge
 ROOT = ct.ROOT
 RUN_ID = "fleet-test"
 VERIFY = ["--only", "system"]
-PAIR_PORT_HOST = "127.0.0.1"
+# node a's manifest sets the pair's expected busbw and floor (node.perf): a low figure gloo on loopback clears
+PAIR_PERF = {"pair_busbw_gbps": 0.001, "floor_ratio": 0.5}
 
 
 def _provision_venv(node: ct.Container, wheelhouse: Path) -> None:
@@ -91,7 +92,8 @@ def fleet_run(nodes, tiny_model, tmp_path_factory):
     inventory = work / "inventory.ini"
     inventory.write_text(
         "[fleet]\n"
-        f"nodea ansible_port={a.port} ansible_ssh_private_key_file={a.key} {common}\n"
+        f"nodea ansible_port={a.port} ansible_ssh_private_key_file={a.key} {common} "
+        f"peftnode_node_expectations='{json.dumps({'perf': PAIR_PERF})}'\n"
         f"nodeb ansible_port={b.port} ansible_ssh_private_key_file={b.key} {common} "
         "peftnode_node_expectations='{\"min_free_gib\": {\"data\": 900000}}'\n"
         f"nodec ansible_port={ct.free_port()} ansible_ssh_private_key_file={a.key} {common}\n"
@@ -177,7 +179,9 @@ def test_the_pair_measured_the_all_reduce_over_loopback(fleet_run):
           f"{pair.get('status')} {pair.get('message')}")
     assert pair["hosts"] == ["nodea", "nodeb"]
     assert pair["backend"] == "gloo" and pair["world_size"] == 2, pair
-    assert pair["status"] == "warn", pair  # no expected figure in the stack: measured, not judged
+    # the first node's manifest figures reached the pair (verify.yml passes node.perf to checks.nccl.pairs)
+    assert (pair["expected_gbps"], pair["floor_ratio"]) == (0.001, 0.5), pair
+    assert pair["status"] == "pass", pair
     assert pair["busbw_gbps"] > 0 and pair["sizes"], pair
 
 
