@@ -90,16 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_timeout(text: str | None) -> float | None:
+def parse_number(flag: str, text: str | None, accept, wanted: str) -> float | None:
+    """``text`` as a finite float that ``accept`` takes, None when not given; else a UsageError saying what
+    ``flag`` wants."""
     if text is None:
         return None
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"--timeout: {quote(text)} is not a positive number of seconds (e.g. 30 or 2.5)")
+    if not (math.isfinite(value) and accept(value)):
+        raise UsageError(f"{flag}: {quote(text)} is not {wanted}")
     return value
+
+
+def parse_timeout(text: str | None) -> float | None:
+    return parse_number("--timeout", text, lambda v: v > 0, "a positive number of seconds (e.g. 30 or 2.5)")
 
 
 _SMALL_WHOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
@@ -346,7 +352,6 @@ def execute(args, chosen, stack: Stack, from_manifest: bool, node, *, title: str
 
 
 def write_reports(report: Report, args) -> None:
-    from rich.console import Console
 
     from checks.report.console import render_console
     from checks.report.jsonreport import dumps, write_json
@@ -354,25 +359,37 @@ def write_reports(report: Report, args) -> None:
     from checks.report.markdown import append_step_summary
     from checks.report.prom import write_prom
 
-    # `--json -` owns standard output: the console report goes to standard error then.
-    json_to_stdout = getattr(args, "json", None) == "-"
-    stream = sys.stderr if json_to_stdout else sys.stdout
-    # A terminal sets its own width; a log file or pipe gets a wide table instead of rich's 80 columns.
-    console = Console(file=stream) if stream.isatty() else Console(file=stream, width=160)
+    console = report_console(args)
     render_console(report, console, verbose=getattr(args, "verbose", False),
                    failed_only=getattr(args, "failed_only", False))
+    write_outputs(args, report, dumps,
+                  {"json": write_json, "junit": write_junit, "prom": write_prom, "html": _write_html})
+    append_step_summary(report)
+
+
+def report_console(args):
+    """The rich console the report goes to: standard output, or standard error when `--json -` owns standard
+    output. A terminal sets its own width; a log file or pipe gets a wide table instead of rich's 80 columns."""
+    from rich.console import Console
+
+    stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+    return Console(file=stream) if stream.isatty() else Console(file=stream, width=160)
+
+
+def write_outputs(args, document, dumps, writers: dict) -> None:
+    """`--json -`: ``dumps(document)`` on standard output; each other flag of ``writers`` given a path: its
+    writer(document, path), a path that cannot be written being a usage error naming the flag."""
+    json_to_stdout = getattr(args, "json", None) == "-"
     if json_to_stdout:
-        sys.stdout.write(dumps(report))
+        sys.stdout.write(dumps(document))
         sys.stdout.flush()
-    writers = {"json": write_json, "junit": write_junit, "prom": write_prom, "html": _write_html}
     for flag, writer in writers.items():
         path = getattr(args, flag, None)
         if path and not (flag == "json" and json_to_stdout):
             try:
-                writer(report, path)
+                writer(document, path)
             except OSError as exc:
                 raise UsageError(f"--{flag}: cannot write {path}: {exc.strerror or exc}") from None
-    append_step_summary(report)
 
 
 def _write_html(report: Report, path: str) -> None:
@@ -588,15 +605,7 @@ def build_fleet_parser() -> argparse.ArgumentParser:
 
 
 def _outlier_ratio(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise UsageError(f"--outlier-ratio: {quote(text)} is not a number above 0 and at most 1 (e.g. 0.9)")
-    return value
+    return parse_number("--outlier-ratio", text, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (e.g. 0.9)")
 
 
 def _fleet_stack(args, run) -> Stack | None:
@@ -614,7 +623,6 @@ def _fleet_stack(args, run) -> Stack | None:
 
 
 def run_fleet(argv: list[str]) -> int:
-    from rich.console import Console
 
     from checks.figures import thresholds
     from checks.fleet import build_fleet, load_run, slurm
@@ -646,28 +654,17 @@ def run_fleet(argv: list[str]) -> int:
         except UsageError as exc:
             print(f"{FLEET_PROG}: warning: {exc}; listing every failing node", file=sys.stderr)
 
-    json_to_stdout = args.json == "-"
-    stream = sys.stderr if json_to_stdout else sys.stdout
-    console = Console(file=stream) if stream.isatty() else Console(file=stream, width=160)
+    console = report_console(args)
+    stream = console.file
     render_fleet_console(fleet, console)
-    if json_to_stdout:
-        sys.stdout.write(dumps_fleet(fleet))
-        sys.stdout.flush()
 
     def html(fl, path):
         from checks.report.html import write_fleet_html  # imported only when --html is given
 
         write_fleet_html(fl, run.reports, path)
 
-    writers = {"json": write_fleet_json, "junit": lambda fl, path: write_fleet_junit(fl, run.reports, path),
-               "html": html}
-    for flag, writer in writers.items():
-        path = getattr(args, flag)
-        if path and not (flag == "json" and json_to_stdout):
-            try:
-                writer(fleet, path)
-            except OSError as exc:
-                raise UsageError(f"--{flag}: cannot write {path}: {exc.strerror or exc}") from None
+    write_outputs(args, fleet, dumps_fleet, {
+        "json": write_fleet_json, "junit": lambda fl, path: write_fleet_junit(fl, run.reports, path), "html": html})
 
     code = fleet["exit_code"]
     for wanted, planner, what in ((args.drain, slurm.plan_drain, "drain"), (args.resume, slurm.plan_resume, "resume")):

@@ -47,11 +47,10 @@ class Run:
     notes: list[str] = field(default_factory=list)  # unreadable run.json / pair files, said on the console
 
 
-def _is_fleet_report(path: Path) -> bool:
-    try:
-        return _read_json(path).get("schema") == FLEET_REPORT_SCHEMA
-    except ValueError:
-        return False
+def _check_schema(data: dict, schema: str) -> dict:
+    if data.get("schema") != schema:
+        raise ValueError(f"schema is {str(data.get('schema'))[:60]!r}, not {schema}")
+    return data
 
 
 def _read_json(path: Path) -> dict:
@@ -72,8 +71,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _valid_report(data: dict) -> dict:
-    if data.get("schema") != REPORT_SCHEMA:
-        raise ValueError(f"schema is {str(data.get('schema'))[:60]!r}, not {REPORT_SCHEMA}")
+    _check_schema(data, REPORT_SCHEMA)
     results = data.get("results")
     if not isinstance(results, list) or not all(
             isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("group"), str)
@@ -83,8 +81,7 @@ def _valid_report(data: dict) -> dict:
 
 
 def _noreport(data: dict) -> NoReport:
-    if data.get("schema") != NOREPORT_SCHEMA:
-        raise ValueError(f"schema is {str(data.get('schema'))[:60]!r}, not {NOREPORT_SCHEMA}")
+    _check_schema(data, NOREPORT_SCHEMA)
     rc = data.get("rc")
     return NoReport(str(data.get("kind") or "failed"), str(data.get("reason") or "no reason given"),
                     rc if isinstance(rc, int) else None, str(data.get("stderr_tail") or ""))
@@ -100,9 +97,7 @@ def load_run(directory: str | Path) -> Run:
     notes: list[str] = []
     if run_file.exists():
         try:
-            meta = _read_json(run_file)
-            if meta.get("schema") != RUN_SCHEMA:
-                raise ValueError(f"schema is not {RUN_SCHEMA}")
+            meta = _check_schema(_read_json(run_file), RUN_SCHEMA)
         except ValueError as exc:
             notes.append(f"run.json unreadable ({exc}): hosts taken from the report files")
             meta = {}
@@ -113,26 +108,26 @@ def load_run(directory: str | Path) -> Run:
     noreport_hosts = [n[: -len(".noreport.json")] for n in names if n.endswith(".noreport.json")]
     report_hosts = [n[: -len(".json")] for n in names
                     if n.endswith(".json") and n != "run.json" and not n.endswith(".noreport.json")]
-    # fleet-report's own output may sit in the run directory (verify.yml writes fleet.json there): not a node
-    report_hosts = [h for h in report_hosts if not _is_fleet_report(root / f"{h}.json")]
     listed = meta.get("hosts") if isinstance(meta.get("hosts"), list) else None
     hosts = [str(h) for h in listed] if listed is not None else []
-    hosts += [h for h in sorted(set(report_hosts) | set(noreport_hosts)) if h not in hosts]
-    if not hosts:
-        raise UsageError(f"{shown(str(directory))} holds no run.json and no <host>.json reports: nothing to report on")
+    found = [h for h in sorted(set(report_hosts) | set(noreport_hosts)) if h not in hosts]
+    hosts += found
     run = Run(root, meta.get("run_id") if isinstance(meta.get("run_id"), str) else None,
               meta.get("started_at") if isinstance(meta.get("started_at"), str) else None,
               meta.get("stack") if isinstance(meta.get("stack"), str) else None, hosts, notes=notes)
-    for host in hosts:
+    for host in list(hosts):
         report_file, noreport_file = root / f"{host}.json", root / f"{host}.noreport.json"
         if report_file.is_file():
             try:
-                run.reports[host] = _valid_report(_read_json(report_file))
+                data = _read_json(report_file)
+                if host in found and data.get("schema") == FLEET_REPORT_SCHEMA:
+                    hosts.remove(host)  # fleet-report's own output (verify.yml writes fleet.json there): not a node
+                    continue
+                run.reports[host] = _valid_report(data)
                 run.files[host] = report_file.name
-                continue
             except ValueError as exc:
                 run.missing[host] = NoReport("unreadable", f"unreadable {report_file.name}: {exc}")
-                continue
+            continue
         if noreport_file.is_file():
             try:
                 run.missing[host] = _noreport(_read_json(noreport_file))
@@ -140,14 +135,13 @@ def load_run(directory: str | Path) -> Run:
                 run.missing[host] = NoReport("unreadable", f"unreadable {noreport_file.name}: {exc}")
             continue
         run.missing[host] = NoReport("missing", "missing from the run directory")
+    if not hosts:
+        raise UsageError(f"{shown(str(directory))} holds no run.json and no <host>.json reports: nothing to report on")
     pair_dir = root / "pairs"
     if pair_dir.is_dir():
         for path in sorted(pair_dir.glob("*.json")):
             try:
-                pair = _read_json(path)
-                if pair.get("schema") != PAIR_SCHEMA:
-                    raise ValueError(f"schema is not {PAIR_SCHEMA}")
-                run.pairs.append(pair)
+                run.pairs.append(_check_schema(_read_json(path), PAIR_SCHEMA))
             except ValueError as exc:
                 notes.append(f"pairs/{path.name} unreadable ({exc}): left out")
     return run

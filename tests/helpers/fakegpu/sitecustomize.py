@@ -23,8 +23,6 @@ this module does nothing.
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import sys
@@ -128,24 +126,9 @@ PATCHES = {"checks.gpu.nvml": patch_nvml, "checks.gpu.health": patch_health, "ch
            "checks.perf": patch_perf, "checks.nccl": patch_nccl}
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Loads the modules in PATCHES as usual, then patches them before anyone else sees them."""
-
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        real_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            PATCHES[name](module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 if SPEC is not None:
-    sys.meta_path.insert(0, _PatchOnImport())
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from tests.helpers.patch_on_import import install
+
+    install(PATCHES)

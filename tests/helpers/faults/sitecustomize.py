@@ -28,11 +28,10 @@ pair all-reduce ranks (``checks.nccl.pairs``, under torchrun on two "nodes"), TA
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import time
+from pathlib import Path
 
 ENV = "PEFTNODE_TEST_FAULTS"
 DIVERGE_BY = 1e-3
@@ -141,24 +140,10 @@ def patch_pairs(module) -> None:
 PATCHES = {"checks.finetune.run": patch_run, "checks.finetune.ranks": patch_ranks, "checks.nccl.pairs": patch_pairs}
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Loads the modules in PATCHES as usual, then patches them before anyone else sees them."""
-
-    def find_spec(self, name, path, target=None):
-        if name not in PATCHES:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return None
-        real_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            real_exec(module)
-            PATCHES[name](module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 if FAULTS:
-    sys.meta_path.insert(0, _PatchOnImport())
+    _root = str(Path(__file__).resolve().parents[3])
+    if _root not in sys.path:  # for tests.helpers.patch_on_import (appended: the child's own path wins)
+        sys.path.append(_root)
+    from tests.helpers.patch_on_import import install
+
+    install(PATCHES)
