@@ -182,6 +182,44 @@ def test_break_stops_only_the_holder_it_names(python, lock, holders):
     assert acquire(python, lock, "run-b", holders)[0] == 0
 
 
+def _blocking_taker(lock: Path) -> subprocess.Popen:
+    """A process that takes the flock the instant it is free (a blocking flock): the harshest waiter."""
+    code = ("import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "print('waiting', flush=True)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('took', flush=True)\n"
+            "time.sleep(60)\n")
+    taker = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert taker.stdout.readline().strip() == "waiting"
+    return taker
+
+
+@pytest.mark.parametrize("how", ["release", "break"])
+def test_letting_go_succeeds_when_a_waiting_run_takes_the_lock_at_once(python, lock, holders, how):
+    """The old check ("is the lock free?") failed when a waiter took the lock between two looks: a
+    release then reported failure after 15 s although the holder was gone (a CI flake with two plays)."""
+    rc, first = acquire(python, lock, "run-a", holders)
+    holder = first["holder"]
+    taker = _blocking_taker(lock)
+    try:
+        began = time.time()
+        if how == "release":
+            rc, data = call(python, "release", "--lock", lock, "--run-id", "run-a")
+            assert (rc, data["released"]) == (0, True), data
+        else:
+            rc, data = call(python, "break", "--lock", lock, "--holder-pid", holder["holder_pid"],
+                            "--holder-starttime", holder["holder_starttime"])
+            assert (rc, data["broken"], data["held"]) == (0, True, True), data
+        assert time.time() - began < 5
+        assert gone(holder["holder_pid"])
+        assert taker.stdout.readline().strip() == "took"
+        assert call(python, "status", "--lock", lock)[1]["held"] is True
+    finally:
+        taker.kill()
+        taker.wait()
+
+
 # --- processes ---------------------------------------------------------------------------------
 
 
