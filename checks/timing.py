@@ -83,18 +83,20 @@ def time_per_op(op: Callable[[int], None], device, *, warmup_ops: int, warmup_s:
     return median(samples)
 
 
-def judge_no_cuda(reason: str | None, expected_gpus: int, what: str) -> Verdict:
+def judge_no_cuda(reason: str | None, expected_gpus: int, what: str, on_cpu: str | None = None) -> Verdict:
     """CUDA not usable from torch on a node expected to have GPUs: a failure. (A node expected to have
-    none never gets here: the runner skips checks registered with ``needs_gpus=True`` there.)"""
+    none never gets here: the runner skips checks registered with ``needs_gpus=True`` there.) ``on_cpu``: how
+    to run the same thing on the CPU instead, said in the message and the remediation."""
     expected = {"gpus": expected_gpus}
+    cpu = f" To run it on this node's CPUs instead: {on_cpu}." if on_cpu else ""
     return Verdict(
         Status.FAIL,
         f"no CUDA device visible to torch ({reason or 'unknown reason'}); this node is expected to have "
-        f"{expected_gpus} GPU(s), so {what} could not run",
+        f"{expected_gpus} GPU(s), so {what} could not run" + (f" (on the CPU: {on_cpu})" if on_cpu else ""),
         {"cuda_devices": 0}, expected,
         "Check the driver first (gpu.driver); then that the venv's torch is a CUDA build for the stack's CUDA "
         "(`python -c 'import torch; print(torch.version.cuda, torch.cuda.is_available())'`), and that "
-        "CUDA_VISIBLE_DEVICES does not hide the GPUs.")
+        "CUDA_VISIBLE_DEVICES does not hide the GPUs." + cpu)
 
 
 def first_line(exc: BaseException) -> str:

@@ -239,6 +239,9 @@ def test_ddp_fails_on_a_gpu_node_without_cuda(cu117, monkeypatch, cpu_only):
     [v] = ft.finetune_distributed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and "no CUDA device visible to torch (torch 2.13.0+cpu is a CPU-only build)" \
         in v.message and "8 GPU(s)" in v.message
+    # it says how to run the same check on this node's CPUs
+    assert "(on the CPU: invoke finetune --distributed --nproc 2 (2 ranks over gloo" in v.message
+    assert "To run it on this node's CPUs instead: invoke finetune --distributed --nproc 2" in v.remediation
     monkeypatch.setattr(checks.timing, "cuda_status", lambda: (True, 1, None))
     [v] = ft.finetune_distributed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and v.message.startswith("only 1 CUDA device visible")
@@ -307,6 +310,7 @@ def test_deepspeed_rules_when_installed(cu117, monkeypatch, deepspeed_present, c
     assert v.status is Status.SKIP and "expected to have no GPUs" in v.message
     [v] = ft.finetune_deepspeed(Context(cu117.data, node(cu117, 8), options={"model": "tiny"}))
     assert v.status is Status.FAIL and "no CUDA device visible to torch (hidden by the test)" in v.message
+    assert "invoke finetune --deepspeed --nproc 1" in v.message and "--nproc 1" in v.remediation
     monkeypatch.setattr(checks.timing, "cuda_status", lambda: (True, 8, None))
     plan = DIST.plan_zero(8, None)
     assert (plan.nproc, plan.backend, plan.why) == (1, "nccl", "one GPU")

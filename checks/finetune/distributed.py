@@ -128,7 +128,8 @@ def plan_ddp(gpus: int, nproc: int | None, cuda=cuda_status) -> Plan | Verdict:
                                               f"{reason or 'none visible'})")
         from checks.timing import judge_no_cuda
 
-        return judge_no_cuda(reason, gpus, what)
+        return judge_no_cuda(reason, gpus, what, f"invoke finetune --distributed --nproc 2 (2 ranks over gloo; "
+                                                 f"or {NPROC_ENV}=2)")
     if count < 2:
         return Verdict(Status.FAIL, f"only {count} CUDA device visible to torch; this node is expected to have "
                                     f"{gpus}, and DDP needs at least 2", {"cuda_devices": count}, {"gpus": gpus},
@@ -156,7 +157,8 @@ def plan_zero(gpus: int, nproc: int | None, cuda=cuda_status, installed=deepspee
                                               f"(asked for; no CUDA here: {reason or 'none visible'})")
         from checks.timing import judge_no_cuda
 
-        return judge_no_cuda(reason, gpus, what)
+        return judge_no_cuda(reason, gpus, what, f"invoke finetune --deepspeed --nproc 1 (DeepSpeed's CPU "
+                                                 f"accelerator; or {NPROC_ENV}=1)")
     if nproc is not None and nproc > count:
         raise SettingsError(f"nproc: {nproc} ranks asked for but torch sees {count} CUDA devices")
     n = nproc or 1
