@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shutil
 import sys
@@ -458,6 +459,10 @@ def build_finetune_parser() -> argparse.ArgumentParser:
                                                 f"gloo (also {NPROC_ENV})")
     p.add_argument("--allow-download", action="store_true",
                    help="fetch the model from the hub when its directory is missing (never done otherwise)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="keep each method's adapter (as PEFT saves it), the base of a tiny/random model, the "
+                        "tokenizer, the reload check's batch and logits and a result.json under DIR/<method>/ "
+                        "(default: the stack's finetune.keep_dir; else nothing is kept)")
     p.add_argument("--list-methods", "--list", dest="list_methods", action="store_true",
                    help="list the method names this PEFT offers, then exit")
     return p
@@ -513,7 +518,7 @@ def run_finetune(argv: list[str]) -> int:
     methods = parse_names("--methods", args.methods, "method")
     distributed = args.distributed or args.deepspeed
     if distributed:
-        for flag in ("methods", "workers", "list_methods"):
+        for flag in ("methods", "workers", "list_methods", "keep"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} does not apply to --distributed / --deepspeed "
                                  f"(they fine-tune LoRA)")
@@ -530,6 +535,8 @@ def run_finetune(argv: list[str]) -> int:
     for flag in ("json", "junit", "prom"):
         check_writable(f"--{flag}", getattr(args, flag))
     check_prom_owner(args.prom, FINETUNE_PROG)
+    if args.keep is not None:
+        check_keep_dir(args.keep)
     stack, from_manifest = resolve(args)
     defaults = tuple((stack.data.get("finetune") or {}).get("methods") or SEED_METHODS)
     if args.list_methods:
@@ -546,16 +553,29 @@ def run_finetune(argv: list[str]) -> int:
     wanted = [name for flag, name in ((args.distributed, DDP_CHECK), (args.deepspeed, ZERO_CHECK)) if flag]
     chosen = select(all_checks(), wanted or [METHODS_CHECK])
     options = {"model": args.model, "methods": names, "steps": steps, "method_timeout": timeout,
-               "workers": workers, "nproc": nproc, "allow_download": args.allow_download}
+               "workers": workers, "nproc": nproc, "allow_download": args.allow_download, "keep": args.keep}
     # The distributed checks run in a worker of their own: give it room for a torchrun deadline beyond its own.
     outer = max(CHECK_TIMEOUT_S, timeout + 300.0) if distributed and timeout else None
     steps = steps or (DIST_STEPS if distributed else DEFAULT_STEPS)
     timeout = timeout or (DIST_TIMEOUT_S if distributed else DEFAULT_TIMEOUT_S)
     report_options = {"model": spec.name, "methods": names, "steps": steps, "timeout_s": timeout, "workers": workers,
                       "distributed": args.distributed, "deepspeed": args.deepspeed, "nproc": nproc, "gpus": node.gpus,
-                      "allow_download": args.allow_download, "expect": expect}
+                      "allow_download": args.allow_download, "expect": expect,
+                      "keep": args.keep or (stack.data.get("finetune") or {}).get("keep_dir")}
     return execute(args, chosen, stack, from_manifest, node, title=FINETUNE_PROG, options=options,
                    report_options=report_options, timeout_s=outer, jobs=jobs)
+
+
+def check_keep_dir(path: str) -> None:
+    """--keep DIR: a directory (made if missing) this user can write, checked before anything runs."""
+    where = Path(path)
+    if where.exists() and not where.is_dir():
+        raise UsageError(f"--keep: {path} exists and is not a directory")
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--keep: cannot write in {probe}")
 
 
 def finetune_main(argv: list[str] | None = None) -> int:

@@ -312,7 +312,9 @@ STACK_SCHEMA = Map(
                 "files": List(Map({"file": Str(r"\S+", "a relative file name"), "sha256": SHA256})),
             },
         ),
-        "finetune": Map({"methods": List(Str(r"[a-z0-9_]+", "a method name"), 1, unique=True)}),
+        "finetune": Map({"methods": List(Str(r"[a-z0-9_]+", "a method name"), 1, unique=True)},
+                        # where `invoke finetune` / verify keep each method's adapter (--keep DIR wins)
+                        {"keep_dir": Nullable(ABS_PATH)}),
         "node": Map({"gpus": NODE_FIELDS["gpus"]}, {k: v for k, v in NODE_FIELDS.items() if k != "gpus"}),
     },
     {

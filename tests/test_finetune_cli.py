@@ -53,6 +53,8 @@ def nothing_runs(monkeypatch):
     (["--distributed", "--methods", "lora", "--model", "tiny"], "--methods does not apply to --distributed"),
     (["--distributed", "--workers", "2", "--model", "tiny"], "--workers does not apply"),
     (["--deepspeed", "--list-methods"], "--list-methods does not apply"),
+    (["--distributed", "--keep", "/tmp", "--model", "tiny"], "--keep does not apply"),
+    (["--keep", "/etc/hostname", "--model", "tiny"], "--keep: /etc/hostname exists and is not a directory"),
     (["--only", "gpu"], "unrecognized arguments: --only gpu"),
     (["--bogus"], "unrecognized arguments"),
 ])
@@ -121,8 +123,9 @@ def test_a_saved_model_directory_through_the_runner_and_the_reports(tmp_path, ca
     tokenizer.save_pretrained(model_dir)
     build_random("tiny", tokenizer).save_pretrained(model_dir)
     report, junit, prom = tmp_path / "report.json", tmp_path / "junit.xml", tmp_path / "f.prom"
+    kept = tmp_path / "kept"
     code = finetune_main(["--model", str(model_dir), "--methods", "lora,prompt_tuning,xlora", "--steps", "10",
-                          "--json", str(report), "--junit", str(junit), "--prom", str(prom)])
+                          "--json", str(report), "--junit", str(junit), "--prom", str(prom), "--keep", str(kept)])
     assert code == 0
     data = json.loads(report.read_text())
     jsonschema.validate(data, load_schema())
@@ -137,6 +140,15 @@ def test_a_saved_model_directory_through_the_runner_and_the_reports(tmp_path, ca
     for key in ("steps_per_s", "tokens_per_s", "peak_memory", "wall_s", "trainable_params"):
         assert math.isfinite(lora[key]["value"]) and lora[key]["value"] > 0
     assert lora["assertions"]["value"] == "10/10 passed" and "->" in lora["loss"]["value"]
+    # the figures the run computed are in the report
+    assert lora["reload_max_abs_diff"]["value"] <= 1e-4 and lora["adapter_bytes"]["value"] > 0
+    assert lora["adapter_bytes"]["unit"] == "bytes" and lora["adapter_format"]["value"] in ("safetensors", "bin")
+    assert "resident memory" in lora["peak_memory_kind"]["value"] or "CUDA" in lora["peak_memory_kind"]["value"]
+    # --keep: a directory model is not copied; the kept adapter points at it, and every method has a result.json
+    adapter_config = json.loads((kept / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(model_dir) and not (kept / "base").exists()
+    assert json.loads((kept / "xlora" / "result.json").read_text())["status"] == "skip"
+    assert data["options"]["keep"] == str(kept)
     options = data["options"]
     assert options["methods"] == ["lora", "prompt_tuning", "xlora"] and options["steps"] == 10
     assert options["model"] == str(model_dir) and options["timeout_s"] == 600 and options["distributed"] is False

@@ -55,6 +55,7 @@ def _full() -> dict:
     data["nccl"]["artifact"]["url"] = url
     data["venv"]["index_url"] = "https://mirror.invalid/simple"
     data["jupyterlab"]["base_url"] = "/lab"
+    data["finetune"]["keep_dir"] = "/data/peftnode/adapters"
     data["node"].update({
         "jupyter_url": "http://127.0.0.1:9999/lab", "mig": False,
         "cuda_home": "/usr/local/cuda-11.7", "nccl_home": "/usr/local/cuda-11.7", "cudnn_home": "/usr/local/cuda-11.7",
@@ -173,6 +174,7 @@ BROKEN = {
     "enabled-yes": _set("jupyterlab.enabled", "yes"),
     "driver-version-a-float": _set("nvidia_driver.version", 515.65),
     "description-null": _set("description", None),
+    "keep-dir-relative": _set("finetune.keep_dir", "adapters"),
     "requirements-a-string": _set("venv.requirements", "torch"),
     "node-a-list": _set("node", [8]),
     "perf-ratio-a-string": _set("node.perf.floor_ratio", "0.7"),

@@ -11,7 +11,8 @@ is interrupted, keeps the methods that finished and reports the others ``skip: i
 Options read from the run's context (``ctx.options``), all optional:
 ``model`` (tiny, random:bloomz-560m or a directory; default the stack's ``model.path``),
 ``methods`` (names or ``all``; default the stack's ``finetune.methods``), ``steps``,
-``method_timeout`` (seconds per method), ``allow_download``, ``workers``.
+``method_timeout`` (seconds per method), ``allow_download``, ``workers``, ``keep`` (default the stack's
+``finetune.keep_dir``: keep each method's adapter there, :mod:`checks.finetune.keep`).
 
 ``finetune.distributed`` fine-tunes LoRA with DDP across the node's GPUs (torchrun, NCCL) and checks
 that every rank finishes, the loss falls and the adapters stay identical on every rank;
@@ -60,9 +61,10 @@ def settings_from(ctx: Context) -> dict:
     spec = parse_model_spec(options.get("model"), ctx.stack.get("model"), allow_download=allow)
     defaults = (ctx.stack.get("finetune") or {}).get("methods") or None
     names = expand(options.get("methods"), defaults) if defaults else expand(options.get("methods"))
+    keep = options.get("keep") or (ctx.stack.get("finetune") or {}).get("keep_dir")
     return {"model": spec, "methods": names, "steps": int(options.get("steps") or DEFAULT_STEPS),
             "timeout_s": float(options.get("method_timeout") or DEFAULT_TIMEOUT_S),
-            "workers": int(options["workers"]) if options.get("workers") else None}
+            "workers": int(options["workers"]) if options.get("workers") else None, "keep_dir": keep}
 
 
 def missing_model_verdict(spec) -> Verdict:
@@ -111,7 +113,8 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
     if s["model"].missing():
         return [missing_model_verdict(s["model"])]
     run = run_methods(s["methods"], s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
-                      max_workers=s["workers"], progress=ctx.progress, cancelled=ctx.interrupted)
+                      max_workers=s["workers"], progress=ctx.progress, cancelled=ctx.interrupted,
+                      keep_dir=s["keep_dir"])
     workers = worker_verdict(run)
     return run.verdicts + ([workers] if workers else [])
 

@@ -38,11 +38,30 @@ VARIANTS = {
 # Variants an older PEFT may lack (DoRA arrived in peft 0.9): skipped with the reason there, not failed.
 OPTIONAL_VARIANTS = frozenset({"dora"})
 
+# The PEFT release that brought each named method (from PEFT's release notes): a PEFT older than that lacks
+# it, and the method is a skip saying so rather than a failure.
+ADDED_IN = {"lora": "0.1.0", "prefix_tuning": "0.1.0", "prefix_tuning_v2": "0.1.0", "p_tuning": "0.1.0",
+            "prompt_tuning": "0.1.0", "adalora": "0.3.0", "ia3": "0.4.0", "dora": "0.9.0"}
+
+# loss_decreased: the relative held-out loss drop, (before - after) / before, each method must reach. About a
+# third of the smallest drop measured on the tiny model at the default 30 steps and the seed's lr, across the
+# seed's PEFT (0.4.0.dev0), peft 0.5.0 and current PEFT (README, "The smoke fine-tune": e.g. prompt tuning
+# 0.93 %, LoRA 44.5 %); lr 1e-7 moves every method by < 0.001 %.
+MIN_DROP = {"lora": 0.15, "adalora": 0.07, "ia3": 0.01, "prefix_tuning": 0.2, "prefix_tuning_v2": 0.008,
+            "p_tuning": 0.005, "prompt_tuning": 0.003, "dora": 0.12}
+DEFAULT_MIN_DROP = 3e-4  # discovered methods with generic defaults: a third of the smallest measured (c3a, 0.11 %)
+CALIBRATED_STEPS = 30  # MIN_DROP holds for the tiny model at this many steps or more
+# Any other run (fewer steps, another model) needs a drop beyond float noise: the shortest real run measured,
+# AdaLoRA at 2 steps, falls 6e-5; lr 1e-7 falls at most 4e-6 (30 steps) on the tiny model.
+NOISE_DROP = 1e-5
+
 # PEFT types that cannot run on Bloom in a generic smoke run, with the reason (checked on peft 0.21).
 KNOWN_SKIPS = {
     "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter) patches LLaMA-family attention only; Bloom is not supported",
-    "XLORA": "X-LoRA mixes already-trained LoRA experts, needs the model built with use_cache=False and fails "
-             "on reload",
+    "XLORA": "X-LoRA mixes already-trained LoRA experts (XLoraConfig.adapters) on a model built with "
+             "use_cache=False; generic defaults give it no expert (0 trainable parameters), and given LoRA experts "
+             "trained on this Bloom, PEFT's expert loading fails with 'Got unexpected keys' "
+             "(model.model.transformer.…): it expects Llama-style module names",
     "BEFT": "BEFT has no default target modules for Bloom; it needs explicit target_modules",
     "TRAINABLE_TOKENS": "trainable tokens retrains chosen embedding rows; it needs explicit token_indices, which "
                         "have no generic default",
@@ -138,10 +157,19 @@ def _tokens(requested) -> list[str]:
 
 @dataclass
 class Setting:
-    """What a config builder may use: the run's step count and where the tokenizer lives."""
+    """What a config builder may use: the run's step count and where the tokenizer lives; which model it is
+    (``tiny``, ``random:<name>`` or ``path``: the loss margins are calibrated on the tiny model)."""
 
     steps: int
     tokenizer_path: str
+    model: str = "tiny"
+
+
+def min_drop(name: str, setting: Setting) -> float:
+    """loss_decreased's threshold for ``name`` in this run (see MIN_DROP, NOISE_DROP)."""
+    if setting.model == "tiny" and setting.steps >= CALIBRATED_STEPS:
+        return MIN_DROP.get(name, DEFAULT_MIN_DROP)
+    return NOISE_DROP
 
 
 @dataclass
@@ -154,6 +182,7 @@ class Plan:
     config: object | None = None
     skip: str | None = None
     lr: float = SEED_LR
+    min_drop: float = DEFAULT_MIN_DROP  # loss_decreased's threshold (relative drop of the held-out loss)
     merge_tolerance: float = DEFAULT_TOLERANCE
     unpadded_generate: bool = False  # generate one unpadded prompt at a time
     notes: list[str] = field(default_factory=list)
@@ -231,17 +260,21 @@ def plan(name: str, setting: Setting) -> Plan:
     if name in SEED_CONFIGS:
         peft_type, build = SEED_CONFIGS[name]
         seed = name not in OPTIONAL_VARIANTS
-        out = Plan(name, peft_type, seed=seed, lr=SEED_LR,
+        out = Plan(name, peft_type, seed=seed, lr=SEED_LR, min_drop=min_drop(name, setting),
                    merge_tolerance=MERGE_TOLERANCE.get(peft_type, DEFAULT_TOLERANCE))
         try:
             out.config = build(setting)
         except Exception as exc:
-            if seed:  # a seed method whose config cannot be built is a failure: let it raise
+            lacking = lacks(name)
+            if lacking:
+                out.skip = f"{lacking} ({type(exc).__name__}: {_one_line(exc, 160)})"
+            elif seed:  # a seed method whose config cannot be built is a failure: let it raise
                 raise
-            out.skip = f"this PEFT cannot build it: {type(exc).__name__}: {_one_line(exc)}"
+            else:
+                out.skip = f"this PEFT cannot build it: {type(exc).__name__}: {_one_line(exc)}"
         return out
     peft_type = name.upper()
-    out = Plan(name, peft_type, seed=False, lr=EXTRA_LR,
+    out = Plan(name, peft_type, seed=False, lr=EXTRA_LR, min_drop=min_drop(name, setting),
                merge_tolerance=MERGE_TOLERANCE.get(peft_type, DEFAULT_TOLERANCE))
     if peft_type in KNOWN_SKIPS:
         out.skip = KNOWN_SKIPS[peft_type]
@@ -252,8 +285,56 @@ def plan(name: str, setting: Setting) -> Plan:
     try:
         out.config = generic_config(peft_type)
     except Exception as exc:  # noqa: BLE001 - any reason is reported as the skip's reason
-        out.skip = f"its config cannot be built with generic defaults: {type(exc).__name__}: {_one_line(exc)}"
+        out.skip = skip_reason(exc, "its config cannot be built with generic defaults")
     return out
+
+
+def skip_reason(exc: BaseException, otherwise: str) -> str:
+    """Why a method cannot run here: a missing Python package named as such, else ``otherwise`` and the error."""
+    missing = missing_module(exc)
+    if missing:
+        return (f"needs the Python package {missing!r}, which is not installed here (pip install {missing}): "
+                f"{type(exc).__name__}: {_one_line(exc, 200)}")
+    return f"{otherwise}: {type(exc).__name__}: {_one_line(exc)}"
+
+
+def missing_module(exc: BaseException | None) -> str | None:
+    """The package an ImportError (or what caused it) says is missing, e.g. 'scikit-learn', or None."""
+    import re
+
+    for _ in range(5):
+        if exc is None:
+            break
+        if isinstance(exc, ImportError):
+            found = re.search(r"pip install (?:-U |--upgrade )?['\"]?([A-Za-z0-9][A-Za-z0-9_.\-]*)", str(exc))
+            if found:
+                return found.group(1)
+            if isinstance(exc, ModuleNotFoundError) and exc.name:
+                return exc.name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def installed_peft() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("peft")
+    except Exception:  # noqa: BLE001 - not installed, or no metadata
+        return None
+
+
+def lacks(name: str, installed: str | None = None) -> str | None:
+    """Why the installed PEFT cannot have ``name`` (it predates the release that added it), or None."""
+    added = ADDED_IN.get(name)
+    installed = installed or installed_peft()
+    if not added or not installed:
+        return None
+    from packaging.version import Version
+
+    if Version(installed).release >= Version(added).release:  # 0.9.0.dev0 counts as 0.9.0: it has the method
+        return None
+    return f"{name} needs peft >= {added}, the release that added it; this is peft {installed}"
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

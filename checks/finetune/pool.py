@@ -158,9 +158,13 @@ def _quiet(message: str, **fields) -> None:
 def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEPS,
                 timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float | None = None, lr: float | None = None,
                 max_workers: int | None = None, progress: Callable[..., None] | None = None,
-                cancelled: threading.Event | None = None) -> PoolRun:
-    """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method)."""
+                cancelled: threading.Event | None = None, keep_dir: str | None = None) -> PoolRun:
+    """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method). ``keep_dir``:
+    keep each method's adapter, base and reload check there (:mod:`checks.finetune.keep`)."""
     started = time.monotonic()
+    if keep_dir is not None:
+        keep_dir = os.path.abspath(keep_dir)
+        os.makedirs(keep_dir, exist_ok=True)
     emit = progress or _quiet
     cancelled = cancelled or threading.Event()
     start_timeout_s = start_timeout_s or max(timeout_s, 300.0)
@@ -219,7 +223,7 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
     def run_one(worker: WorkerProcess, name: str) -> dict:
         """Send the method, pass its step reports on, return its result (or error) reply."""
         emit(f"{name}: started", done=0, total=steps, key=name)
-        worker.send({"op": "run", "method": name, "steps": steps, "lr": lr})
+        worker.send({"op": "run", "method": name, "steps": steps, "lr": lr, "keep": keep_dir})
         deadline = time.monotonic() + timeout_s
         while True:
             reply = worker.receive(deadline - time.monotonic())

@@ -4,12 +4,14 @@
 :class:`~checks.result.Status`) with one named assertion per promise:
 
 ``trainable_params``        the adapter has trainable parameters
-``adapter_only_grads``      only adapter parameters are trainable and receive gradients; the base is frozen
+``adapter_only_grads``      only adapter parameters are trainable, some receive a non-zero gradient, and every
+                            base tensor is bit-identical to the pristine base after training
 ``train``                   the training steps ran (no exception, finite loss)
-``loss_decreased``          held-out loss after N steps is below the loss before
-``adalora_schedule``        (AdaLoRA) total_step is set and update_and_allocate ran after every step
-``save_adapter_only``       save_pretrained wrote adapter_config.json + adapter_model.safetensors and no
-                            base weights
+``loss_decreased``          held-out loss after N steps is at least the plan's ``min_drop`` (relative) lower
+``adalora_schedule``        (AdaLoRA) the rank budget moved: after training, the non-zero lora_E ranks are
+                            within the budget update_and_allocate's schedule gives for the last step
+``save_adapter_only``       save_pretrained wrote adapter_config.json and the adapter weights in the format
+                            the installed PEFT writes (.safetensors, or .bin before peft 0.6), no base weights
 ``reload_logits``           the saved adapter loaded into a fresh base gives the same logits (allclose)
 ``disabled_equals_base``    with the adapter disabled the model gives the base model's logits
 ``generate``                generate() produces new tokens
@@ -77,6 +79,7 @@ class Env:
     base_params: int
     workdir: str
     info: dict = field(default_factory=dict)
+    source: str | None = None  # the model directory it was loaded from; None for a built (tiny/random) model
 
 
 def pick_device() -> tuple[torch.device, torch.dtype | None]:
@@ -128,21 +131,35 @@ def _tail(logits: torch.Tensor, length: int) -> torch.Tensor:
     return logits[:, -length:]
 
 
+def _logits_model(model):
+    """What logits are read from: for a PEFT method that injects layers, the transformers model inside it
+    (the adapter layers are in it; PEFT's own wrapper only adds AdaLoRA's regulariser to the loss, and a
+    reloaded AdaLoRA cannot run that wrapper: PEFT < 0.5 lacks its training adapter there, later PEFT
+    fails once labels are given). Prompt-learning methods and plain models: the model itself."""
+    tuner = getattr(model, "base_model", None)
+    inner = getattr(tuner, "model", None)
+    config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
+    if inner is not None and config is not None and not is_prompt_learning(config):
+        return inner
+    return model
+
+
 @torch.no_grad()
 def compare_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 logits at the batch's non-pad positions, shape [tokens, vocab]."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    logits = _logits_model(model)(input_ids=ids, attention_mask=mask).logits
     return _tail(logits, ids.shape[1]).float()[mask.bool()]
 
 
 @torch.no_grad()
 def held_out_loss(model, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean cross-entropy over the answer tokens of the held-out set (no regulariser terms)."""
+    """Mean cross-entropy over the answer tokens of the held-out set, from the logits (so without the
+    regulariser terms some methods add to the model's own loss); labels go in as for training."""
     total, count = 0.0, 0
     for b in batches:
         ids = b["input_ids"]
-        logits = _tail(model(input_ids=ids, attention_mask=b["attention_mask"]).logits, ids.shape[1]).float()
+        logits = _tail(model(**b).logits, ids.shape[1]).float()
         target = b["labels"][:, 1:]
         total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
                                  ignore_index=-100, reduction="sum").item()
@@ -212,27 +229,80 @@ def is_adapter_param(name: str, adapter: str = "default") -> bool:
 OnStep = Callable[[int, int, float], None]  # (steps done, steps in all, that step's training loss)
 
 
-def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_step: OnStep | None = None) -> MethodRun:
+class MemoryWatch:
+    """One method's peak memory: on a GPU the allocator's peak since the method began (reset at its start);
+    on the CPU the largest rise of this process's resident set over its size when the method began, sampled
+    every :data:`SAMPLE_S` by a thread (a process-lifetime peak would charge one method with another's)."""
+
+    SAMPLE_S = 0.02
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = self.peak = 0
+        self._stop = None
+        self._thread = None
+
+    @staticmethod
+    def rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import threading
+
+        self.baseline = self.peak = self.rss() or 0
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.SAMPLE_S):
+                self.peak = max(self.peak, self.rss() or 0)
+
+        self._thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss() or 0)
+
+    def result(self) -> tuple[int, str]:
+        """(bytes, kind): ``cuda_max_allocated`` or ``cpu_rss_increase`` (0 when /proc is not there)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        return max(0, self.peak - self.baseline), "cpu_rss_increase"
+
+
+def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_step: OnStep | None = None,
+               keep_dir: str | None = None) -> MethodRun:
     """Train ``plan``'s method for ``steps`` steps and check it. Never raises for a method's own failure.
-    ``on_step`` hears of every training step as it ends (the worker sends progress from it)."""
+    ``on_step`` hears of every training step as it ends (the worker sends progress from it). ``keep_dir``:
+    keep the adapter and what reloads it there (:mod:`checks.finetune.keep`); else a temp dir is used."""
     started = time.perf_counter()
     info = {"peft_type": plan.peft_type, "seed": plan.seed, "steps": steps, "device": env.info.get("device"),
             "notes": list(plan.notes)}
     if plan.skip:
-        return MethodRun(plan.name, Status.SKIP, plan.skip, info=info)
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
+        return _kept(keep_dir, MethodRun(plan.name, Status.SKIP, plan.skip, info=info))
     rec = _Record()
     lr = plan.lr if lr is None else lr
-    try:
-        _run(plan, env, steps, lr, rec, on_step)
-    except _Skip as skip:
-        return MethodRun(plan.name, Status.SKIP, str(skip), metrics=rec.metrics, info=info)
-    except Exception as exc:  # outside the guarded checks: charge it to the stage that was running
-        rec.crashed(rec.stage, exc)
-        rec.not_run(_applicable(plan), f"the method stopped at {rec.stage}")
+    info["lr"], info["min_drop"] = lr, plan.min_drop
+    with MemoryWatch(env.device) as memory:
+        try:
+            _run(plan, env, steps, lr, rec, on_step, keep_dir)
+        except _Skip as skip:
+            return _kept(keep_dir, MethodRun(plan.name, Status.SKIP, str(skip), metrics=rec.metrics, info=info))
+        except Exception as exc:  # outside the guarded checks: charge it to the stage that was running
+            rec.crashed(rec.stage, exc)
+            rec.not_run(_applicable(plan), f"the method stopped at {rec.stage}")
     rec.metrics["wall_s"] = round(time.perf_counter() - started, 4)
-    rec.metrics["peak_memory_bytes"], rec.metrics["peak_memory_kind"] = peak_memory(env.device)
+    rec.metrics["peak_memory_bytes"], rec.metrics["peak_memory_kind"] = memory.result()
     not_run = [n for n, a in rec.assertions.items() if a["ok"] is False and a["detail"].startswith(NOT_RUN)]
     failed = [n for n, a in rec.assertions.items() if a["ok"] is False and n not in not_run]
     run = MethodRun(plan.name, Status.PASS, "", rec.assertions, rec.metrics, failed, not_run, info)
@@ -243,6 +313,14 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_ste
         run.status, run.message = Status.FAIL, "; ".join(parts)
     else:
         run.message = summary(run)
+    return _kept(keep_dir, run)
+
+
+def _kept(keep_dir: str | None, run: MethodRun) -> MethodRun:
+    if keep_dir is not None:
+        from checks.finetune import keep
+
+        keep.write_result(keep_dir, run)
     return run
 
 
@@ -266,16 +344,69 @@ class _Skip(Exception):
     pass
 
 
-def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnStep | None = None) -> None:
+# --- the steps a method goes through (module functions: the test-only mutations replace them) ------------
+
+
+def _apply(plan: Plan, base):
+    """(the PEFT model of ``plan`` on a copy of ``base``, the copy's parameters paired with the base's)."""
     from peft import get_peft_model
 
+    fresh = copy.deepcopy(base)
+    pairs = _base_pairs(fresh, base)  # before PEFT wraps the modules (it keeps their parameter objects)
+    return get_peft_model(fresh, plan.config), pairs
+
+
+def _training_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss as the seed computes it: the batch with its labels into the model, the model's own loss."""
+    return model(**batch).loss
+
+
+def _optimizer_step(optimizer, scaler) -> None:
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _allocate(model, step: int) -> None:
+    """AdaLoRA's rank allocation for ``step``: after the optimizer step, while the gradients are there."""
+    model.base_model.update_and_allocate(step)
+
+
+def _save(model, adapter_dir: str) -> None:
+    """The adapter as the installed PEFT saves it by default (``.bin`` before peft 0.6, ``.safetensors`` since)."""
+    model.save_pretrained(adapter_dir)
+
+
+def _disabled(model):
+    return model.disable_adapter()
+
+
+def _merge(model):
+    return model.merge_and_unload()
+
+
+def _generate(model, **kwargs):
+    return model.generate(**kwargs)
+
+
+def _base_pairs(model, base) -> dict[int, tuple[str, torch.Tensor]]:
+    """id(parameter of the fresh copy) -> (name, the pristine base's parameter); taken right after the copy."""
+    ours, theirs = list(model.named_parameters()), list(base.named_parameters())
+    return {id(p): (n, q) for (n, p), (m, q) in zip(ours, theirs, strict=True) if n == m}
+
+
+def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnStep | None = None,
+         keep_dir: str | None = None) -> None:
     torch.manual_seed(SEED)
     try:
-        model = get_peft_model(copy.deepcopy(env.base), plan.config)
+        model, pairs = _apply(plan, env.base)
     except Exception as exc:
-        if not plan.seed:  # an extra method PEFT cannot put on Bloom with generic defaults
-            raise _Skip(f"cannot be applied to Bloom with generic defaults: {type(exc).__name__}: "
-                        f"{_one_line(exc, 300)}") from exc
+        if not plan.seed:  # an extra method PEFT cannot put on Bloom here
+            from checks.finetune.methods import skip_reason
+
+            raise _Skip(skip_reason(exc, "cannot be applied to Bloom with generic defaults")) from exc
         rec.crashed("apply", exc)
         rec.not_run(_applicable(plan), "the adapter could not be applied")
         return
@@ -290,6 +421,7 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnS
     rec.metrics["loss_before"] = held_out_loss(model.eval(), env.held_out)
     rec.stage = "train"
     trained = _train(plan, model, env, steps, lr, rec, on_step)
+    _check_frozen(model, pairs, rec)
     if not trained:
         rec.not_run(_applicable(plan), "training did not complete")
         return
@@ -297,19 +429,28 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnS
     rec.stage = "loss_decreased"
     rec.metrics["loss_after"] = after = held_out_loss(model, env.held_out)
     before = rec.metrics["loss_before"]
-    rec.put("loss_decreased", math.isfinite(after) and after < before,
-            f"held-out loss {before:.4f} -> {after:.4f} after {steps} steps at lr {lr:g}")
+    drop = (before - after) / before if math.isfinite(after) and before > 0 else -math.inf
+    rec.metrics["loss_relative_drop"] = float(f"{drop:.3g}") if math.isfinite(drop) else None
+    rec.put("loss_decreased", drop >= plan.min_drop,
+            f"held-out loss {before:.4f} -> {after:.4f} after {steps} steps at lr {lr:g}: "
+            f"{drop:.3g} relative drop (needs ≥ {plan.min_drop:g})")
 
     rec.stage = "reload_logits"
     adapter_logits = compare_logits(model, env.compare)
-    adapter_dir = tempfile.mkdtemp(prefix=f"{plan.name}-", dir=env.workdir)
+    if keep_dir is not None:
+        from checks.finetune import keep
+
+        adapter_dir = keep.prepare_method(keep_dir, plan, model, env, adapter_logits)
+    else:
+        adapter_dir = tempfile.mkdtemp(prefix=f"{plan.name}-", dir=env.workdir)
     try:
         if _check_save(model, adapter_dir, env, rec):
             _check_reload(adapter_dir, adapter_logits, env, rec)
         else:
             rec.not_run(["reload_logits"], "no adapter was saved")
     finally:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
+        if keep_dir is None:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
     _check_disabled(model, env, rec)
     _check_generate(plan, model, env, rec, prompt_learning)
     _check_merge(plan, model, adapter_logits, env, rec, prompt_learning)  # last: merging changes the model
@@ -317,6 +458,65 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnS
 
 def _applicable(plan: Plan) -> list[str]:
     return [n for n in ASSERTIONS if n != "adalora_schedule" or plan.peft_type == "ADALORA"]
+
+
+def _check_frozen(model, pairs: dict[int, tuple[str, torch.Tensor]], rec: _Record) -> None:
+    """adapter_only_grads, finished after training: every base tensor still in the model is frozen and
+    bit-identical to the pristine base (autograd leaves a frozen tensor's .grad None, so gradients alone
+    cannot show a base weight that changed)."""
+    problems = list(rec.metrics.pop("_grad_problems", []))
+    checked, changed = 0, []
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if id(p) not in pairs:
+                continue
+            name, original = pairs[id(p)]
+            checked += 1
+            if p.shape != original.shape or not torch.equal(p.detach().to(original.device), original):
+                changed.append(name)
+    if changed:
+        problems.append(f"base weights changed in training: {', '.join(changed[:3])}"
+                        + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""))
+    if not checked:
+        problems.append("no base parameter could be found in the PEFT model to compare")
+    rec.metrics["base_tensors_compared"] = checked
+    if "adapter_only_grads" not in rec.assertions and not problems:
+        return  # training stopped before the first backward: not judged (listed as not run)
+    seen = rec.assertions.get("adapter_only_grads", {}).get("detail")
+    detail = "; ".join(problems) or f"{seen}; {checked} base tensors frozen and bit-identical after training"
+    rec.put("adapter_only_grads", not problems, detail)
+
+
+def _lora_e_ranks(model) -> tuple[int, int]:
+    """(non-zero entries of every AdaLoRA lora_E, their count): the ranks in use, and the most possible."""
+    used = total = 0
+    for name, p in model.named_parameters():
+        if "lora_E" in name.split("."):
+            used += int((p.detach() != 0).sum())
+            total += p.numel()
+    return used, total
+
+
+def _check_adalora(model, steps: int, rec: _Record) -> None:
+    """adalora_schedule: the rank budget really moved. lora_E starts at zero and training makes every entry
+    non-zero; update_and_allocate masks the least important ones to zero down to the scheduled budget."""
+    config = model.peft_config["default"]
+    used, total = _lora_e_ranks(model)
+    allocator = getattr(model.base_model, "rankallocator", None)
+    budget = None
+    if allocator is not None and steps >= 1:
+        budget = allocator.budget_schedule(steps - 1)[0] if steps - 1 < config.total_step - config.tfinal \
+            else allocator.target_bgt
+    rec.metrics |= {"adalora_ranks_used": used, "adalora_ranks_initial": total, "adalora_rank_budget": budget,
+                    "adalora_total_step": getattr(config, "total_step", None)}
+    if steps < 2 or budget is None or budget >= total:
+        rec.put("adalora_schedule", None, f"the budget schedule does not mask within {steps} step(s) "
+                                          f"(total_step {config.total_step}, tinit {config.tinit})")
+        return
+    ok = 0 < used <= budget
+    rec.put("adalora_schedule", ok, f"{used} of {total} lora_E ranks in use after {steps} steps; budget {budget} "
+                                    f"(total_step {config.total_step}, target_r {config.target_r}, "
+                                    f"init_r {config.init_r})")
 
 
 def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record, on_step: OnStep | None = None) -> bool:
@@ -329,29 +529,24 @@ def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record, on_
     use_scaler = env.device.type == "cuda" and env.amp_dtype == torch.float16
     scaler = _grad_scaler() if use_scaler else None
     adalora = plan.peft_type == "ADALORA"
-    allocate_calls, tokens, losses = 0, 0, []
+    tokens, losses = 0, []
     model.train()
     started = time.perf_counter()
     try:
         for step in range(steps):
             batch = env.train[step % len(env.train)]
             with _autocast(env):
-                loss = model(**batch).loss
+                loss = _training_loss(model, batch)
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"training loss is {losses[-1]} at step {step}")
             (scaler.scale(loss) if scaler else loss).backward()
             if step == 0:
                 _check_grads(model, rec)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            _optimizer_step(optimizer, scaler)
             schedule.step()
-            if adalora:  # after the optimizer step, while the gradients are still there
-                model.base_model.update_and_allocate(step)
-                allocate_calls += 1
+            if adalora:
+                _allocate(model, step)
             optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
             if on_step is not None:
@@ -370,11 +565,7 @@ def _train(plan: Plan, model, env: Env, steps: int, lr: float, rec: _Record, on_
                     # the curve the HTML report draws per method
                     "train_losses": [round(x, 4) for x in losses]}
     if adalora:
-        total = getattr(model.peft_config["default"], "total_step", None)
-        ok = bool(total) and total == steps and allocate_calls == steps
-        rec.put("adalora_schedule", ok, f"total_step {total}, update_and_allocate called {allocate_calls} times "
-                                        f"in {steps} steps")
-        rec.metrics["update_and_allocate_calls"] = allocate_calls
+        _check_adalora(model, steps, rec)
     return True
 
 
@@ -392,57 +583,66 @@ def _autocast(env: Env):
 
 
 def _check_grads(model, rec: _Record) -> None:
+    """adapter_only_grads, first part (after the first backward): only adapter parameters are trainable,
+    and some adapter parameter received a non-zero gradient. :func:`_check_frozen` finishes it."""
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     not_adapter = [n for n in trainable if not is_adapter_param(n)]
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
-    frozen_with_grad = [n for n, p in model.named_parameters() if p.grad is not None and not p.requires_grad]
     nonzero = [n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
     problems = []
     if not_adapter:
         problems.append(f"non-adapter parameters are trainable: {', '.join(not_adapter[:3])}")
-    if frozen_with_grad:
-        problems.append(f"frozen parameters received gradients: {', '.join(frozen_with_grad[:3])}")
-    outside = [n for n in with_grad if not is_adapter_param(n)]
-    if outside:
-        problems.append(f"non-adapter parameters received gradients: {', '.join(outside[:3])}")
     if not nonzero:
         problems.append("no adapter parameter received a non-zero gradient")
-    detail = "; ".join(problems) or (f"{len(with_grad)} adapter tensors received gradients "
-                                     f"({len(nonzero)} non-zero); the base is frozen")
-    rec.put("adapter_only_grads", not problems, detail)
+    rec.metrics["_grad_problems"] = problems
+    rec.put("adapter_only_grads", not problems, f"{len(with_grad)} adapter tensors received gradients "
+                                                f"({len(nonzero)} non-zero)")
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft >= 0.6 / older: whichever it wrote
+
+
+def saved_tensors(path: str) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in an adapter weights file (safetensors or a torch pickle)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def _check_save(model, adapter_dir: str, env: Env, rec: _Record) -> bool:
     try:
-        try:  # safetensors is the default since peft 0.6; say so for older ones
-            model.save_pretrained(adapter_dir, safe_serialization=True)
-        except TypeError:
-            model.save_pretrained(adapter_dir)
+        _save(model, adapter_dir)
     except Exception as exc:
         rec.crashed("save_adapter_only", exc)
         return False
     files = sorted(os.listdir(adapter_dir))
-    problems = [f"{f} missing" for f in ("adapter_config.json", "adapter_model.safetensors") if f not in files]
-    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
-               and not f.startswith("adapter_model")]
-    if weights:
-        problems.append(f"base weight files written: {', '.join(weights)}")
+    written = [f for f in ADAPTER_WEIGHTS if f in files]
+    problems = [] if "adapter_config.json" in files else ["adapter_config.json missing"]
+    if not written:
+        problems.append(f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}) written")
+    others = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")) and f not in written]
+    if others:
+        problems.append(f"other weight files written: {', '.join(others)}")
     saved_params = 0
-    if "adapter_model.safetensors" in files:
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as fh:
-            keys = list(fh.keys())
-            saved_params = sum(math.prod(fh.get_slice(k).get_shape()) for k in keys)
-        base_keys = [k for k in keys if _strip(k) in env.base_names]
+    if written:
+        rec.metrics["adapter_format"] = written[0].rsplit(".", 1)[1]
+        shapes = saved_tensors(os.path.join(adapter_dir, written[0]))
+        saved_params = sum(math.prod(shape) for shape in shapes.values())
+        base_keys = [k for k in shapes if _strip(k) in env.base_names]
         if base_keys:
             problems.append(f"base weights saved in the adapter: {', '.join(base_keys[:3])}")
+        if not shapes:
+            problems.append(f"{written[0]} holds no tensors")
     rec.metrics["adapter_params_saved"] = saved_params
     size = sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in files)
     rec.metrics["adapter_bytes"] = size
     rec.put("save_adapter_only", not problems,
             "; ".join(problems) or f"wrote {', '.join(files)} ({size:,} bytes, {saved_params:,} values)")
-    return "adapter_model.safetensors" in files and "adapter_config.json" in files
+    return bool(written) and "adapter_config.json" in files
 
 
 def _strip(key: str) -> str:
@@ -470,7 +670,7 @@ def _check_reload(adapter_dir: str, adapter_logits: torch.Tensor, env: Env, rec:
 
 def _check_disabled(model, env: Env, rec: _Record) -> None:
     try:
-        with model.disable_adapter():
+        with _disabled(model):
             logits = compare_logits(model, env.compare)
     except Exception as exc:
         rec.crashed("disabled_equals_base", exc)
@@ -492,11 +692,11 @@ def _check_generate(plan: Plan, model, env: Env, rec: _Record, prompt_learning: 
             new = []
             for prompt in env.prompts:
                 ids = torch.tensor([prompt], device=env.device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                out = _generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
                 new.append(out.shape[1] - ids.shape[1])
         else:
             batch = _tensors(D.collate([{"input_ids": p, "labels": p} for p in env.prompts], pad), env.device)
-            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+            out = _generate(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
             new = [out.shape[1] - batch["input_ids"].shape[1]] * len(env.prompts)
     except Exception as exc:
         rec.crashed("generate", exc)
@@ -513,7 +713,7 @@ def _check_merge(plan: Plan, model, adapter_logits, env: Env, rec: _Record, prom
             rec.put(name, None, "prompt-learning methods have no weights to merge")
         return
     try:
-        merged = model.merge_and_unload()
+        merged = _merge(model)
     except NotImplementedError as exc:
         for name in ("merge_logits", "merge_differs_from_base"):
             rec.put(name, None, f"{plan.peft_type} does not merge: {_one_line(exc, 200)}")

@@ -6,7 +6,7 @@ descriptor it was given as stdout, which it keeps for itself; everything anythin
 to stderr (the parent keeps that in a log and quotes its tail when the worker dies).
 
 Requests: ``{"op": "load", "model": ModelSpec dict}``, ``{"op": "run", "method": NAME, "steps": N,
-"lr": float | null}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports), ``loaded``,
+"lr": float | null, "keep": DIR | null}``, ``{"op": "exit"}``. Replies: ``hello`` (after the imports), ``loaded``,
 ``result`` (the method's verdict, built here, and the assertions and figures behind it as ``details``;
 see :mod:`checks.finetune.verdict`), ``error``. Before a ``result``, ``step`` lines report training
 (``{"event": "step", "method", "step", "steps", "loss"}``): the first and last step and at most one
@@ -84,17 +84,19 @@ def main() -> int:
                 model, tokenizer, tokenizer_path = model_mod.load(spec, tokenizer_dir=os.path.join(workdir, "tok"))
                 params = model_mod.count_parameters(model)
                 env = R.prepare(model, tokenizer, tokenizer_path, workdir)
+                env.source = tokenizer_path if spec.kind == "path" else None
                 reply("loaded", load_s=round(time.perf_counter() - t0, 3), params=params, **env.info)
             elif op == "run":
                 if env is None:
                     raise RuntimeError("no model loaded")
                 try:
-                    plan = M.plan(request["method"], M.Setting(int(request["steps"]), env.tokenizer_path))
+                    kind = spec.kind if spec.kind != "random" else spec.name
+                    plan = M.plan(request["method"], M.Setting(int(request["steps"]), env.tokenizer_path, kind))
                 except Exception as exc:  # a seed method's config this PEFT cannot build
-                    run = R.config_failure(request["method"], exc)
+                    run = R._kept(request.get("keep"), R.config_failure(request["method"], exc))
                 else:
                     run = R.run_method(plan, env, int(request["steps"]), request.get("lr"),
-                                       stepper(request["method"]))
+                                       stepper(request["method"]), keep_dir=request.get("keep"))
                 reply("result", verdict=verdicts.to_dict(run.verdict(hint)), details=run.details())
             else:
                 raise ValueError(f"unknown request {op!r}")

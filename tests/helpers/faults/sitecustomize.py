@@ -15,6 +15,18 @@ methods (``checks.finetune.run``, in the pool's workers), TARGET a method name:
     ``zero_lr``          the method trains at learning rate 0 (its loss cannot fall)
     ``corrupt_adapter``  the saved adapter's tensors are overwritten with noise before the reload check
 
+  mutations, each made to break one assertion of checks.finetune.run (tests/test_finetune.py MUTATIONS):
+    ``tiny_lr``          the method trains at learning rate 1e-7 (loss_decreased: the loss barely moves)
+    ``frozen_adapter``   every parameter is frozen once the adapter is applied (trainable_params)
+    ``unfreeze_base``    one base weight is left trainable (adapter_only_grads)
+    ``touch_base``       a frozen base weight is nudged after every optimizer step (adapter_only_grads)
+    ``nan_loss``         the training loss is NaN (train)
+    ``no_allocate``      AdaLoRA's update_and_allocate is never called (adalora_schedule)
+    ``base_in_adapter``  a base weight file is written beside the adapter (save_adapter_only)
+    ``no_disable``       disable_adapter() does nothing (disabled_equals_base)
+    ``no_generate``      generate() returns the prompt without a new token (generate)
+    ``bad_merge``        merge_and_unload's weights are perturbed (merge_logits)
+
 torchrun ranks (``checks.finetune.ranks``), TARGET ``rank<N>``:
     ``hang``             the rank sleeps forever once it joined the process group (the others wait in DDP)
     ``crash``            the rank aborts as it starts its second training step (after recording that stage)
@@ -57,19 +69,46 @@ def _hang() -> None:
 
 def _corrupt(adapter_dir: str) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
 
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    tensors = load_file(path)
     gen = torch.Generator().manual_seed(1)
-    save_file({k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
-               for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):  # whichever the installed PEFT wrote
+        path = os.path.join(adapter_dir, name)
+        if not os.path.exists(path):
+            continue
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file, save_file
+
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        noisy = {k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+                 for k, v in tensors.items()}
+        if name.endswith(".safetensors"):
+            save_file(noisy, path, metadata={"format": "pt"})
+        else:
+            torch.save(noisy, path)
+
+
+def _first_base(model):
+    """(name, parameter) of the first base weight of a PEFT model (not an adapter's)."""
+    for name, p in model.named_parameters():
+        if "default" not in name.split(".") and p.dim() == 2:
+            return name, p
+    raise RuntimeError("no base weight found")
+
+
+def _faults() -> set[str]:
+    return FAULTS.get(_current["method"], set())
 
 
 def patch_run(module) -> None:
-    real_run_method, real_check_reload = module.run_method, module._check_reload
+    import contextlib
 
-    def run_method(plan, env, steps, lr=None, on_step=None):
+    real = {name: getattr(module, name) for name in ("run_method", "_check_reload", "_apply", "_training_loss",
+                                                     "_optimizer_step", "_allocate", "_save", "_disabled", "_merge",
+                                                     "_generate")}
+
+    def run_method(plan, env, steps, lr=None, on_step=None, keep_dir=None):
         faults = FAULTS.get(plan.name, set())
         _current["method"] = plan.name
         if "hang" in faults:
@@ -78,14 +117,80 @@ def patch_run(module) -> None:
             os.abort()
         if "raise" in faults:
             raise RuntimeError("injected failure (test fault)")
-        return real_run_method(plan, env, steps, 0.0 if "zero_lr" in faults else lr, on_step)
+        if "zero_lr" in faults:
+            lr = 0.0
+        elif "tiny_lr" in faults:
+            lr = 1e-7
+        return real["run_method"](plan, env, steps, lr, on_step, keep_dir=keep_dir)
 
     def check_reload(adapter_dir, *args, **kwargs):
-        if "corrupt_adapter" in FAULTS.get(_current["method"], set()):
+        if "corrupt_adapter" in _faults():
             _corrupt(adapter_dir)
-        return real_check_reload(adapter_dir, *args, **kwargs)
+        return real["_check_reload"](adapter_dir, *args, **kwargs)
 
-    module.run_method, module._check_reload = run_method, check_reload
+    def apply(plan, base):
+        model, pairs = real["_apply"](plan, base)
+        if "frozen_adapter" in _faults():
+            for p in model.parameters():
+                p.requires_grad_(False)
+        if "unfreeze_base" in _faults():
+            _first_base(model)[1].requires_grad_(True)
+        return model, pairs
+
+    def training_loss(model, batch):
+        loss = real["_training_loss"](model, batch)
+        return loss * float("nan") if "nan_loss" in _faults() else loss
+
+    def optimizer_step(optimizer, scaler):
+        real["_optimizer_step"](optimizer, scaler)
+        if "touch_base" in _faults():
+            import torch
+
+            with torch.no_grad():
+                _first_base(_current["model"])[1].add_(1e-3)
+
+    def allocate(model, step):
+        if "no_allocate" not in _faults():
+            real["_allocate"](model, step)
+
+    def save(model, adapter_dir):
+        real["_save"](model, adapter_dir)
+        if "base_in_adapter" in _faults():
+            from safetensors.torch import save_file
+
+            name, weight = _first_base(model)
+            save_file({name: weight.detach().cpu().contiguous()}, os.path.join(adapter_dir, "model.safetensors"))
+
+    def disabled(model):
+        return contextlib.nullcontext() if "no_disable" in _faults() else real["_disabled"](model)
+
+    def merge(model):
+        merged = real["_merge"](model)
+        if "bad_merge" in _faults():
+            import torch
+
+            gen = torch.Generator().manual_seed(2)
+            with torch.no_grad():
+                for p in merged.parameters():
+                    if p.dim() == 2:
+                        p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+        return merged
+
+    def generate(model, **kwargs):
+        if "no_generate" in _faults():
+            return kwargs["input_ids"]
+        return real["_generate"](model, **kwargs)
+
+    def remember(fn):
+        def wrapper(model, *args, **kwargs):
+            _current["model"] = model
+            return fn(model, *args, **kwargs)
+        return wrapper
+
+    module.run_method, module._check_reload, module._apply = run_method, check_reload, apply
+    module._training_loss, module._optimizer_step = remember(training_loss), optimizer_step
+    module._allocate, module._save, module._disabled, module._merge = allocate, save, disabled, merge
+    module._generate = generate
 
 
 def patch_ranks(module) -> None:
