@@ -4,6 +4,7 @@ crashing methods, model specs, and the finetune.methods check. The CLI is in tes
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -345,15 +346,20 @@ def test_a_method_older_peft_lacks_is_a_skip_naming_the_release(monkeypatch):
 
 
 def test_memory_is_measured_per_method_not_over_the_workers_life():
+    import mmap
+
     import torch
 
     from checks.finetune.run import MemoryWatch
 
     cpu = torch.device("cpu")
+    size = 64 * 2**20
     with MemoryWatch(cpu) as big:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        del block
+        block = mmap.mmap(-1, size)  # fresh pages, whatever the allocator kept from earlier tests
+        for offset in range(0, size, 4096):
+            block[offset] = 1  # touched: resident
+        time.sleep(4 * MemoryWatch.SAMPLE_S)
+        block.close()
     with MemoryWatch(cpu) as small:
         torch.ones(16).sum()
     grew, kind = big.result()

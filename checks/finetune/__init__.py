@@ -54,7 +54,7 @@ def settings_from(ctx: Context) -> dict:
     """Model spec, method names and run settings from the context (raising the module's usage errors)."""
     from checks.finetune.methods import expand
     from checks.finetune.model import parse_model_spec
-    from checks.finetune.pool import DEFAULT_STEPS, DEFAULT_TIMEOUT_S
+    from checks.finetune.pool import DEFAULT_TIMEOUT_S
 
     options = ctx.options or {}
     allow = bool(options.get("allow_download"))
@@ -62,7 +62,7 @@ def settings_from(ctx: Context) -> dict:
     defaults = (ctx.stack.get("finetune") or {}).get("methods") or None
     names = expand(options.get("methods"), defaults) if defaults else expand(options.get("methods"))
     keep = options.get("keep") or (ctx.stack.get("finetune") or {}).get("keep_dir")
-    return {"model": spec, "methods": names, "steps": int(options.get("steps") or DEFAULT_STEPS),
+    return {"model": spec, "methods": names, "steps": int(options["steps"]) if options.get("steps") else None,
             "timeout_s": float(options.get("method_timeout") or DEFAULT_TIMEOUT_S),
             "workers": int(options["workers"]) if options.get("workers") else None, "keep_dir": keep}
 
@@ -112,6 +112,13 @@ def finetune_methods(ctx: Context) -> list[Verdict]:
                         remediation="Fix the stack's finetune.methods / model.path or the options given.")]
     if s["model"].missing():
         return [missing_model_verdict(s["model"])]
+    import os
+
+    from checks.finetune import budget
+
+    line = budget.announcement(s["model"], s["methods"], s["steps"], budget.device_kind(), load=os.getloadavg()[0])
+    if line and not (ctx.options or {}).get("announced"):  # a full-size model on the CPU: the cost, up front
+        ctx.progress(line, key="estimate", final=True)
     run = run_methods(s["methods"], s["model"], steps=s["steps"], timeout_s=s["timeout_s"],
                       max_workers=s["workers"], progress=ctx.progress, cancelled=ctx.interrupted,
                       keep_dir=s["keep_dir"])

@@ -30,12 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from checks import proc
+from checks.finetune import budget
 from checks.finetune import verdict as V
 from checks.finetune.model import ModelSpec
 from checks.registry import INTERRUPTED
 from checks.result import Status, Verdict
 
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = budget.DEFAULT_STEPS  # tiny and GPU runs; full-size models on the CPU: budget.CPU_STEPS
 DEFAULT_TIMEOUT_S = 600.0  # per method; a bloomz-560m method takes seconds on a GPU, minutes on a CPU
 MAX_START_FAILURES = 2  # consecutive worker start failures on one slot before its queue is given up
 EXIT_WAIT_S = 10.0  # a worker that closed its channel: how long it may take to finish dying
@@ -155,12 +156,14 @@ def _quiet(message: str, **fields) -> None:
     pass
 
 
-def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEPS,
+def run_methods(names: list[str], model: ModelSpec, *, steps: int | None = None,
                 timeout_s: float = DEFAULT_TIMEOUT_S, start_timeout_s: float | None = None, lr: float | None = None,
                 max_workers: int | None = None, progress: Callable[..., None] | None = None,
                 cancelled: threading.Event | None = None, keep_dir: str | None = None) -> PoolRun:
-    """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method). ``keep_dir``:
-    keep each method's adapter, base and reload check there (:mod:`checks.finetune.keep`)."""
+    """Run every method in ``names`` on ``model``: one verdict per method (see run.run_method). ``steps`` None:
+    each method's default (:func:`checks.finetune.budget.method_defaults`: 30, fewer for a full-size model on
+    the CPU); ``lr`` None: the model's per-method rate, else the method's own. ``keep_dir``: keep each
+    method's adapter, base and reload check there (:mod:`checks.finetune.keep`)."""
     started = time.monotonic()
     if keep_dir is not None:
         keep_dir = os.path.abspath(keep_dir)
@@ -170,6 +173,7 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
     start_timeout_s = start_timeout_s or max(timeout_s, 300.0)
     hint = V.rerun_hint(model.name)
     slots = worker_slots(len(names), model, max_workers)
+    defaults = budget.plan_defaults(model, names, "cpu" if slots[0].gpu is None else "cuda", steps)
     todo: queue.Queue[str] = queue.Queue()
     for name in names:
         todo.put(name)
@@ -222,8 +226,10 @@ def run_methods(names: list[str], model: ModelSpec, *, steps: int = DEFAULT_STEP
 
     def run_one(worker: WorkerProcess, name: str) -> dict:
         """Send the method, pass its step reports on, return its result (or error) reply."""
-        emit(f"{name}: started", done=0, total=steps, key=name)
-        worker.send({"op": "run", "method": name, "steps": steps, "lr": lr, "keep": keep_dir})
+        own = defaults[name]
+        emit(f"{name}: started", done=0, total=own.steps, key=name)
+        worker.send({"op": "run", "method": name, "steps": own.steps, "lr": lr if lr is not None else own.lr,
+                     "keep": keep_dir})
         deadline = time.monotonic() + timeout_s
         while True:
             reply = worker.receive(deadline - time.monotonic())
