@@ -136,12 +136,9 @@ def _logits_model(model):
     (the adapter layers are in it; PEFT's own wrapper only adds AdaLoRA's regulariser to the loss, and a
     reloaded AdaLoRA cannot run that wrapper: PEFT < 0.5 lacks its training adapter there, later PEFT
     fails once labels are given). Prompt-learning methods and plain models: the model itself."""
-    tuner = getattr(model, "base_model", None)
-    inner = getattr(tuner, "model", None)
-    config = getattr(model, "peft_config", {}).get("default") if hasattr(model, "peft_config") else None
-    if inner is not None and config is not None and not is_prompt_learning(config):
-        return inner
-    return model
+    config = (getattr(model, "peft_config", None) or {}).get("default")
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    return inner if config is not None and inner is not None and not is_prompt_learning(config) else model
 
 
 @torch.no_grad()
@@ -192,6 +189,7 @@ class _Record:
         self.assertions: dict[str, dict] = {}
         self.metrics: dict = {}
         self.stage = "apply"  # the assertion an unexpected exception is charged to
+        self.grad_problems: list[str] = []  # adapter_only_grads' findings at the first backward
 
     def put(self, name: str, ok: bool | None, detail: str) -> bool | None:
         self.assertions[name] = {"ok": ok, "detail": detail}
@@ -464,7 +462,7 @@ def _check_frozen(model, pairs: dict[int, tuple[str, torch.Tensor]], rec: _Recor
     """adapter_only_grads, finished after training: every base tensor still in the model is frozen and
     bit-identical to the pristine base (autograd leaves a frozen tensor's .grad None, so gradients alone
     cannot show a base weight that changed)."""
-    problems = list(rec.metrics.pop("_grad_problems", []))
+    problems = list(rec.grad_problems)
     checked, changed = 0, []
     with torch.no_grad():
         for _, p in model.named_parameters():
@@ -594,7 +592,7 @@ def _check_grads(model, rec: _Record) -> None:
         problems.append(f"non-adapter parameters are trainable: {', '.join(not_adapter[:3])}")
     if not nonzero:
         problems.append("no adapter parameter received a non-zero gradient")
-    rec.metrics["_grad_problems"] = problems
+    rec.grad_problems = problems
     rec.put("adapter_only_grads", not problems, f"{len(with_grad)} adapter tensors received gradients "
                                                 f"({len(nonzero)} non-zero)")
 
