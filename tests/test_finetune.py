@@ -260,7 +260,9 @@ def test_kept_adapters_reload_in_a_fresh_process_with_the_recorded_logits(tmp_pa
     names = list(M.SEED_METHODS)
     run = P.run_methods(names, TINY, steps=STEPS, timeout_s=300, keep_dir=str(keep_dir))
     assert [v.status for v in run.verdicts] == [Status.PASS] * len(names), [v.message for v in run.verdicts]
-    base = keep_dir / K.BASE
+    bases = list((keep_dir / K.BASE).iterdir())
+    assert [b.name.rsplit("-", 1)[0] for b in bases] == ["tiny"], bases  # one base, named by model and digest
+    base = bases[0]
     assert (base / "config.json").is_file() and (base / "tokenizer_config.json").is_file()
     for name in names:
         here = keep_dir / name
@@ -282,6 +284,35 @@ def test_kept_adapters_reload_in_a_fresh_process_with_the_recorded_logits(tmp_pa
     for x in loaded.values():
         assert x["max_abs_diff"] is not None and x["max_abs_diff"] <= 1e-4, x
     assert lines[-1] == {"peftnode_modules_imported": []}
+
+
+def test_a_keep_dir_reused_for_another_base_never_points_an_adapter_at_the_wrong_one(tmp_path):
+    """Two different built bases kept in one DIR (another model, or the same name built by another
+    torch) get a directory each; the same base again reuses its own."""
+    from types import SimpleNamespace
+
+    from checks.finetune import keep as K
+    from checks.finetune.data import build_tiny_tokenizer
+    from checks.finetune.model import build_random
+
+    tokenizer = build_tiny_tokenizer()
+
+    def env(seed):
+        return SimpleNamespace(source=None, model_name="tiny", kept_base=None, tokenizer=tokenizer,
+                               base=build_random("tiny", tokenizer, seed=seed))
+
+    first = K.write_base(str(tmp_path), env(0))
+    again = K.write_base(str(tmp_path), env(0))  # a new worker, the same weights
+    other = K.write_base(str(tmp_path), env(1))  # same name, other weights
+    assert first == again != other
+    assert sorted(p.name for p in (tmp_path / K.BASE).iterdir()) == sorted([Path(first).name, Path(other).name])
+    for where, seed in ((first, 0), (other, 1)):
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(where)
+        assert K.base_digest(saved) == K.base_digest(env(seed).base)
+        assert Path(where).name == K.base_dir_name("tiny", K.base_digest(saved))
+    assert K.base_dir_name("random:bloomz-560m", "ab" * 32) == "random-bloomz-560m-" + "ab" * 6
 
 
 # --- true skip reasons and per-method memory --------------------------------------------------------------

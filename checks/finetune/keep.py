@@ -11,7 +11,10 @@ Per method, under ``DIR/<method>/``:
 ``result.json``              the method's verdict: status, every assertion, every figure, versions
 
 and, for the built models (``tiny``, ``random:…``), the base model once, with its tokenizer, under
-``DIR/base/`` (a directory model is not copied: the adapter points at it). Reloading needs only torch,
+``DIR/base/<model>-<sha256 of its weights, 12 hex>/`` (a directory model is not copied: the adapter points
+at it). The weights' digest names the directory, so a DIR kept for one model and reused for another (or
+for the same name built differently by another torch) never points an adapter at the wrong base: each
+base has its own directory, and a rerun of the same base reuses it. Reloading needs only torch,
 transformers and peft::
 
     base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -38,22 +42,48 @@ def method_dir(keep_dir: str, method: str) -> str:
     return os.path.join(os.path.abspath(keep_dir), method)
 
 
+def base_digest(model) -> str:
+    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def base_dir_name(model_name: str, digest: str) -> str:
+    """``tiny-0123456789ab``, ``random-bloomz-560m-…``: the model's name made a safe file name, and the digest."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.") or "model"
+    return f"{slug}-{digest[:12]}"
+
+
 def write_base(keep_dir: str, env) -> str:
-    """The base the adapters point at: the model directory, or the built base saved once under DIR/base
-    (written to a temp name and renamed: two workers may race, and they build the same weights)."""
+    """The base the adapters point at: the model directory, or the built base saved once under
+    DIR/base/<model>-<digest> (written to a temp name and renamed: two workers may race, and they build the
+    same weights). The answer is remembered on ``env``: a worker hashes its base once."""
     if env.source:
         return os.path.abspath(env.source)
-    target = os.path.join(os.path.abspath(keep_dir), BASE)
-    if os.path.isfile(os.path.join(target, "config.json")):
-        return target
-    tmp = f"{target}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    env.base.save_pretrained(tmp)
-    env.tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another worker got there first
+    if env.kept_base and os.path.isfile(os.path.join(env.kept_base, "config.json")) and \
+            os.path.dirname(os.path.dirname(env.kept_base)) == os.path.abspath(keep_dir):
+        return env.kept_base
+    name = base_dir_name(env.model_name or "model", base_digest(env.base))
+    target = os.path.join(os.path.abspath(keep_dir), BASE, name)
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        env.base.save_pretrained(tmp)
+        env.tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another worker got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    env.kept_base = target
     return target
 
 

@@ -80,6 +80,8 @@ class Env:
     workdir: str
     info: dict = field(default_factory=dict)
     source: str | None = None  # the model directory it was loaded from; None for a built (tiny/random) model
+    model_name: str | None = None  # the model spec's name (tiny, random:bloomz-560m, a path)
+    kept_base: str | None = None  # where --keep saved this built base (keep.write_base)
 
 
 def pick_device() -> tuple[torch.device, torch.dtype | None]:

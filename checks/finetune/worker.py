@@ -85,6 +85,7 @@ def main() -> int:
                 params = model_mod.count_parameters(model)
                 env = R.prepare(model, tokenizer, tokenizer_path, workdir)
                 env.source = tokenizer_path if spec.kind == "path" else None
+                env.model_name = spec.name
                 reply("loaded", load_s=round(time.perf_counter() - t0, 3), params=params, **env.info)
             elif op == "run":
                 if env is None:
