@@ -323,7 +323,6 @@ def test_a_keep_dir_reused_for_another_base_never_points_an_adapter_at_the_wrong
 SKIP_EVIDENCE = {
     "ADAPTION_PROMPT": "Unsupported model type for adaption prompt: 'bloom'",
     "XLORA": "`use_cache` must be False",
-    "BEFT": "specify `target_modules`",
     "TRAINABLE_TOKENS": "trainable_params: 0 trainable parameters",
     "MULTITASK_PROMPT_TUNING": "task_ids cannot be None",
     "POLY": "task_ids should not be None",
@@ -346,6 +345,33 @@ def test_known_skip_reasons_are_where_the_method_really_fails(tmp_path, monkeypa
         plan = M.plan(peft_type.lower(), M.Setting(5, path))
         said = plan.skip or R.run_method(plan, env, 5).message
         assert SKIP_EVIDENCE[peft_type] in said, (peft_type, said)
+
+
+def test_a_discovered_method_without_a_bloom_default_runs_on_loras_modules_and_says_so(tmp_path, monkeypatch):
+    """PEFT < 0.8 has no Bloom target modules for LoHa (nor LoKr, OFT): the same state made here by taking Bloom
+    out of the installed PEFT's LoHa mapping. The method runs on LoRA's Bloom modules, and the result says so."""
+    from checks.finetune import run as R
+    from checks.finetune.model import load
+
+    utils = pytest.importorskip("peft.utils")
+    mapping = getattr(utils, "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING", None)
+    if mapping is None or "loha" not in M.available_names():
+        pytest.skip("the installed PEFT has no LoHa target-module mapping")
+    monkeypatch.delitem(mapping, "bloom", raising=False)
+    model, tokenizer, path = load(TINY, tokenizer_dir=str(tmp_path / "tok"))
+    env = R.prepare(model, tokenizer, path, str(tmp_path))
+    plan = M.plan("loha", M.Setting(STEPS, path, "tiny"))
+    assert plan.config.target_modules is None
+    run = R.run_method(plan, env, STEPS)
+    assert run.status is Status.PASS, run.message
+    assert list(plan.config.target_modules) == ["query_key_value"]
+    assert run.message.endswith("this PEFT has no Bloom default for LOHA") and run.info["notes"] == plan.notes
+    # a seed method's config is applied as written: no modules chosen for it behind the user's back
+    seed = M.plan("lora", M.Setting(STEPS, path, "tiny"))
+    seed.config.target_modules = None
+    monkeypatch.delitem(utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "bloom")
+    crashed = R.run_method(seed, env, STEPS)
+    assert crashed.status is not Status.PASS and "target_modules" in crashed.message, crashed.message
 
 
 def test_a_missing_package_is_named_as_the_skip_reason(monkeypatch):

@@ -62,7 +62,6 @@ KNOWN_SKIPS = {
              "use_cache=False; generic defaults give it no expert (0 trainable parameters), and given LoRA experts "
              "trained on this Bloom, PEFT's expert loading fails with 'Got unexpected keys' "
              "(model.model.transformer.…): it expects Llama-style module names",
-    "BEFT": "BEFT has no default target modules for Bloom; it needs explicit target_modules",
     "TRAINABLE_TOKENS": "trainable tokens retrains chosen embedding rows; it needs explicit token_indices, which "
                         "have no generic default",
     "MULTITASK_PROMPT_TUNING": "multi-task prompt tuning needs per-example task_ids; a single-task smoke run has "

@@ -287,7 +287,7 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_ste
     keep the adapter and what reloads it there (:mod:`checks.finetune.keep`); else a temp dir is used."""
     started = time.perf_counter()
     info = {"peft_type": plan.peft_type, "seed": plan.seed, "steps": steps, "device": env.info.get("device"),
-            "notes": list(plan.notes)}
+            "notes": plan.notes}  # the same list: applying may add to it
     if plan.skip:
         return _kept(keep_dir, MethodRun(plan.name, Status.SKIP, plan.skip, info=info))
     rec = _Record()
@@ -337,7 +337,8 @@ def summary(run: MethodRun) -> str:
     text = (f"{run.info.get('steps')} steps, held-out loss {m.get('loss_before', math.nan):.3f} -> "
             f"{m.get('loss_after', math.nan):.3f}; "
             f"{sum(1 for a in run.assertions.values() if a['ok'])} assertions passed")
-    return text + (f" ({', '.join(na)}: n/a)" if na else "")
+    text += f" ({', '.join(na)}: n/a)" if na else ""
+    return "; ".join([text, *run.info.get("notes", [])])  # how this method was run differently, said
 
 
 class _Skip(Exception):
@@ -354,6 +355,30 @@ def _apply(plan: Plan, base):
     fresh = copy.deepcopy(base)
     pairs = _base_pairs(fresh, base)  # before PEFT wraps the modules (it keeps their parameter objects)
     return get_peft_model(fresh, plan.config), pairs
+
+
+def _apply_planned(plan: Plan, base):
+    """_apply, and for a discovered method whose generic config names no target modules on a PEFT that has no
+    Bloom default for it (LoHa, LoKr, OFT before PEFT gave them one), once more on the modules the installed
+    PEFT's LoRA uses for Bloom, said in the plan's notes; the seed methods' configs are applied as they are."""
+    try:
+        return _apply(plan, base)
+    except ValueError as exc:
+        config = plan.config
+        if plan.seed or "target_modules" not in str(exc) or getattr(config, "target_modules", "") is not None:
+            raise
+        config.target_modules = _bloom_lora_targets()
+        plan.notes.append(f"target_modules {config.target_modules} (the installed PEFT's LoRA modules for Bloom): "
+                          f"this PEFT has no Bloom default for {plan.peft_type}")
+        return _apply(plan, base)
+
+
+def _bloom_lora_targets() -> list[str]:
+    try:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora_targets
+    except ImportError:  # moved or renamed in a PEFT to come
+        lora_targets = {}
+    return list(lora_targets.get("bloom") or ["query_key_value"])
 
 
 def _training_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -401,7 +426,7 @@ def _run(plan: Plan, env: Env, steps: int, lr: float, rec: _Record, on_step: OnS
          keep_dir: str | None = None) -> None:
     torch.manual_seed(SEED)
     try:
-        model, pairs = _apply(plan, env.base)
+        model, pairs = _apply_planned(plan, env.base)
     except Exception as exc:
         if not plan.seed:  # an extra method PEFT cannot put on Bloom here
             from checks.finetune.methods import skip_reason
