@@ -45,11 +45,21 @@ def test_the_workers_ran_everything(all_results):
             assert w["device"] == "cpu" and w["params"] > 0 and w["threads"] == P.usable_cpus() // len(run.workers)
 
 
+def only_known_defects(d: dict) -> bool:
+    """Every failed assertion is a known defect of the installed PEFT (M.KNOWN_PEFT_DEFECTS, e.g. peft 0.3.0's
+    disable_adapter on prompt learning), said as such: an expected failure on that PEFT, not a pass."""
+    defects = d.get("peft_defects") or []
+    return bool(defects) and not d["not_run"] and all(
+        any(d["assertions"][n]["detail"].startswith(x) for x in defects) for n in d["failed"])
+
+
 @pytest.mark.parametrize("name", SEED_AND_VARIANTS + EXTRAS)
 def test_method(all_results, name):
     _, results = all_results
     v, d = results[name]
     assert v.subject == name
+    if v.status is Status.FAIL and only_known_defects(d):
+        pytest.xfail(f"{name}: {v.message}")
     if v.status is Status.SKIP:
         if name in SEED_AND_VARIANTS:  # only when the installed PEFT predates it (DoRA: peft < 0.9), saying so
             assert v.message.startswith(f"{name} needs peft >= {M.ADDED_IN[name]}, the release that added it; "
@@ -227,6 +237,8 @@ def test_every_assertion_has_a_mutation():
 @pytest.mark.parametrize("method, fault, assertion", MUTATIONS, ids=[f"{m}-{f}" for m, f, _ in MUTATIONS])
 def test_a_mutation_fails_its_assertion_by_name(mutated, method, fault, assertion):
     v, d = mutated[(method, fault)]
+    if v.status is Status.SKIP and M.lacks(method):  # IA3 on peft 0.3: nothing to mutate
+        pytest.skip(f"{method} with {fault}: {v.message}")
     assert v.status is Status.FAIL, f"{method} with {fault} passed: {v.message}"
     assert assertion in d["failed"], (d["failed"], v.message)
     assert f"{assertion}: " in v.message and assertion in v.remediation
@@ -238,8 +250,9 @@ def test_mutations_fail_for_the_reason_they_plant(mutated):
         "adalora_schedule"]["detail"]  # without update_and_allocate no rank is ever masked
     assert "base weights changed in training" in mutated[("prefix_tuning_v2", "touch_base")][1]["assertions"][
         "adapter_only_grads"]["detail"]
-    assert "non-adapter parameters are trainable" in mutated[("ia3", "unfreeze_base")][1]["assertions"][
-        "adapter_only_grads"]["detail"]
+    if not M.lacks("ia3"):
+        assert "non-adapter parameters are trainable" in mutated[("ia3", "unfreeze_base")][1]["assertions"][
+            "adapter_only_grads"]["detail"]
     assert "other weight files written: model.safetensors" in mutated[("prompt_tuning", "base_in_adapter")][1][
         "assertions"]["save_adapter_only"]["detail"]
     tiny = mutated[("prefix_tuning", "tiny_lr")][1]["metrics"]["loss_relative_drop"]
@@ -257,9 +270,10 @@ def test_kept_adapters_reload_in_a_fresh_process_with_the_recorded_logits(tmp_pa
     from checks.finetune import keep as K
 
     keep_dir = tmp_path / "kept"
-    names = list(M.SEED_METHODS)
+    names = [n for n in M.SEED_METHODS if not M.lacks(n)]  # IA3 on peft 0.3: absent
     run = P.run_methods(names, TINY, steps=STEPS, timeout_s=300, keep_dir=str(keep_dir))
-    assert [v.status for v in run.verdicts] == [Status.PASS] * len(names), [v.message for v in run.verdicts]
+    assert all(v.status is Status.PASS or only_known_defects(run.details[v.subject])  # peft 0.3: disable_adapter
+               for v in run.verdicts), [v.message for v in run.verdicts]
     bases = list((keep_dir / K.BASE).iterdir())
     assert [b.name.rsplit("-", 1)[0] for b in bases] == ["tiny"], bases  # one base, named by model and digest
     base = bases[0]
@@ -272,7 +286,8 @@ def test_kept_adapters_reload_in_a_fresh_process_with_the_recorded_logits(tmp_pa
             assert config["tokenizer_name_or_path"] == str(here / "tokenizer")
         assert (here / "tokenizer" / "tokenizer_config.json").is_file() and (here / K.RELOAD_CHECK).is_file()
         result = json.loads((here / K.RESULT).read_text())
-        assert result["status"] == "pass" and result["metrics"] == run.details[name]["metrics"]
+        status = next(v.status.label for v in run.verdicts if v.subject == name)
+        assert result["status"] == status and result["metrics"] == run.details[name]["metrics"]
         assert result["versions"]["peft"] and result["assertions"]["reload_logits"]["ok"] is True
     # a fresh interpreter that imports torch, transformers and peft only (not this project)
     proc = subprocess.run([sys.executable, "-I", str(Path(__file__).parent / "helpers" / "load_kept.py"),
@@ -372,6 +387,36 @@ def test_a_discovered_method_without_a_bloom_default_runs_on_loras_modules_and_s
     monkeypatch.delitem(utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "bloom")
     crashed = R.run_method(seed, env, STEPS)
     assert crashed.status is not Status.PASS and "target_modules" in crashed.message, crashed.message
+
+
+def test_a_known_peft_defect_fails_its_assertion_naming_the_release_that_fixes_it():
+    """peft 0.3.0's disable_adapter() on a prompt-learning model (seen there: every prompt-learning method fails
+    disabled_equals_base with this AttributeError): the failure stays, and it says whose and what to do."""
+    from checks.finetune.run import _Record
+    from checks.finetune.verdict import MethodRun
+
+    error = AttributeError("'BloomForCausalLM' object has no attribute 'enable_adapter_layers'")
+    said = M.known_defect("disabled_equals_base", error, installed="0.3.0")
+    assert said.startswith("peft 0.3.0's own defect, fixed in peft 0.4.0: disable_adapter()")
+    assert M.known_defect("disabled_equals_base", error, installed="0.4.0.dev0") is None  # the seed's has the fix
+    assert M.known_defect("disabled_equals_base", ValueError("other"), installed="0.3.0") is None
+    assert M.known_defect("generate", error, installed="0.3.0") is None
+    rec = _Record()
+    try:
+        raise error
+    except AttributeError as exc:
+        import unittest.mock
+
+        with unittest.mock.patch.object(M, "installed_peft", lambda: "0.3.0"):
+            rec.crashed("disabled_equals_base", exc)
+    detail = rec.assertions["disabled_equals_base"]["detail"]
+    assert rec.assertions["disabled_equals_base"]["ok"] is False and detail.startswith(said)
+    assert "(AttributeError: 'BloomForCausalLM' object has no attribute 'enable_adapter_layers'" in detail
+    run = MethodRun("prompt_tuning", Status.FAIL, f"disabled_equals_base: {detail}", rec.assertions,
+                    failed=["disabled_equals_base"], info={"peft_defects": rec.defects})
+    assert "upgrade PEFT to >= 0.4.0" in run.verdict().remediation
+    plain = MethodRun("prompt_tuning", Status.FAIL, "x", failed=["disabled_equals_base"])
+    assert "version mismatch is the usual cause" in plain.verdict().remediation
 
 
 def test_a_missing_package_is_named_as_the_skip_reason(monkeypatch):

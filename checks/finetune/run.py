@@ -192,6 +192,7 @@ class _Record:
         self.metrics: dict = {}
         self.stage = "apply"  # the assertion an unexpected exception is charged to
         self.grad_problems: list[str] = []  # adapter_only_grads' findings at the first backward
+        self.defects: list[str] = []  # known defects of the installed PEFT that failed an assertion
 
     def put(self, name: str, ok: bool | None, detail: str) -> bool | None:
         self.assertions[name] = {"ok": ok, "detail": detail}
@@ -200,7 +201,15 @@ class _Record:
     def crashed(self, name: str, exc: BaseException) -> None:
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
-        self.put(name, False, f"{type(exc).__name__}: {_one_line(exc)}{at}")
+        from checks.finetune.methods import known_defect
+
+        error = f"{type(exc).__name__}: {_one_line(exc)}{at}"
+        defect = known_defect(name, exc)
+        if defect:  # PEFT's own bug, fixed in a later release: said first, with the error behind it
+            self.defects.append(defect)
+            self.put(name, False, f"{defect} ({error})")
+        else:
+            self.put(name, False, error)
 
     def not_run(self, names, why: str) -> None:
         for name in names:
@@ -305,6 +314,8 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_ste
     rec.metrics["peak_memory_bytes"], rec.metrics["peak_memory_kind"] = memory.result()
     not_run = [n for n, a in rec.assertions.items() if a["ok"] is False and a["detail"].startswith(NOT_RUN)]
     failed = [n for n, a in rec.assertions.items() if a["ok"] is False and n not in not_run]
+    if rec.defects:
+        info["peft_defects"] = rec.defects
     run = MethodRun(plan.name, Status.PASS, "", rec.assertions, rec.metrics, failed, not_run, info)
     if failed or not_run:
         parts = [f"{n}: {rec.assertions[n]['detail']}" for n in failed]

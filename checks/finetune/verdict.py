@@ -76,7 +76,13 @@ class MethodRun:
             expected["loss_after"] = Value(f"<= {m['loss_before'] * (1 - floor):.3f}" if floor
                                            else f"< {m['loss_before']:.3f}")
         remediation = None
-        if self.status in (Status.FAIL, Status.ERROR):
+        fixed_in = sorted({d.split("fixed in peft ", 1)[1].split(":", 1)[0]
+                           for d in self.info.get("peft_defects", []) if "fixed in peft " in d})
+        if self.status in (Status.FAIL, Status.ERROR) and fixed_in:
+            remediation = (f"Failed assertion(s): {', '.join(self.failed)}, by a defect of the installed PEFT that "
+                           f"peft {fixed_in[-1]} fixes: upgrade PEFT to >= {fixed_in[-1]} (the stack's venv "
+                           f"requirements), then rerun: {rerun_hint} --methods {self.method}.")
+        elif self.status in (Status.FAIL, Status.ERROR):
             remediation = (f"Failed assertion(s): {', '.join(self.failed) or 'see message'}. Rerun this method alone "
                            f"to see it: {rerun_hint} --methods {self.method}; a PEFT/transformers/torch version "
                            f"mismatch is the usual cause when every method fails the same way.")
