@@ -58,7 +58,8 @@ def test_method(all_results, name):
     _, results = all_results
     v, d = results[name]
     assert v.subject == name
-    if v.status is Status.FAIL and only_known_defects(d):
+    if v.status is Status.WARN:  # only ever a known defect of the installed PEFT (e.g. generate on peft < 0.9)
+        assert only_known_defects(d), v.message
         pytest.xfail(f"{name}: {v.message}")
     if v.status is Status.SKIP:
         if name in SEED_AND_VARIANTS:  # only when the installed PEFT predates it (DoRA: peft < 0.9), saying so
@@ -199,6 +200,7 @@ MUTATION_BATCHES = [
     [("lora", "zero_lr", "merge_differs_from_base"), ("ia3", "bad_merge", "merge_logits"),
      ("prompt_tuning", "corrupt_adapter", "reload_logits"), ("p_tuning", "no_disable", "disabled_equals_base"),
      ("prefix_tuning", "no_generate", "generate"), ("adalora", "tiny_lr", "loss_decreased")],
+    [("lora", "generate_base", "generate")],
 ]
 MUTATIONS = [m for batch in MUTATION_BATCHES for m in batch]
 
@@ -255,6 +257,8 @@ def test_mutations_fail_for_the_reason_they_plant(mutated):
             "adapter_only_grads"]["detail"]
     assert "other weight files written: model.safetensors" in mutated[("prompt_tuning", "base_in_adapter")][1][
         "assertions"]["save_adapter_only"]["detail"]
+    assert "generate() ignored the adapter" in mutated[("lora", "generate_base")][1]["assertions"]["generate"][
+        "detail"]
     tiny = mutated[("prefix_tuning", "tiny_lr")][1]["metrics"]["loss_relative_drop"]
     assert tiny < M.NOISE_DROP  # lr 1e-7 fails even the uncalibrated floor
 
@@ -272,8 +276,8 @@ def test_kept_adapters_reload_in_a_fresh_process_with_the_recorded_logits(tmp_pa
     keep_dir = tmp_path / "kept"
     names = [n for n in M.SEED_METHODS if not M.lacks(n)]  # IA3 on peft 0.3: absent
     run = P.run_methods(names, TINY, steps=STEPS, timeout_s=300, keep_dir=str(keep_dir))
-    assert all(v.status is Status.PASS or only_known_defects(run.details[v.subject])  # peft 0.3: disable_adapter
-               for v in run.verdicts), [v.message for v in run.verdicts]
+    assert all(v.status is Status.PASS or (v.status is Status.WARN and only_known_defects(run.details[v.subject]))
+               for v in run.verdicts), [v.message for v in run.verdicts]  # WARN: peft 0.3's disable_adapter
     bases = list((keep_dir / K.BASE).iterdir())
     assert [b.name.rsplit("-", 1)[0] for b in bases] == ["tiny"], bases  # one base, named by model and digest
     base = bases[0]
@@ -401,6 +405,11 @@ def test_a_known_peft_defect_fails_its_assertion_naming_the_release_that_fixes_i
     assert M.known_defect("disabled_equals_base", error, installed="0.4.0.dev0") is None  # the seed's has the fix
     assert M.known_defect("disabled_equals_base", ValueError("other"), installed="0.3.0") is None
     assert M.known_defect("generate", error, installed="0.3.0") is None
+    ignored = "the first generated tokens [5] are not ... but the base model's [7]: generate() ignored the adapter"
+    assert M.known_defect("generate", ignored, installed="0.8.2", peft_type="P_TUNING").startswith(
+        "peft 0.8.2's own defect, fixed in peft 0.9.0")
+    assert M.known_defect("generate", ignored, installed="0.9.0", peft_type="P_TUNING") is None
+    assert M.known_defect("generate", ignored, installed="0.8.2", peft_type="LORA") is None  # LoRA generates fine
     rec = _Record()
     try:
         raise error
@@ -412,7 +421,7 @@ def test_a_known_peft_defect_fails_its_assertion_naming_the_release_that_fixes_i
     detail = rec.assertions["disabled_equals_base"]["detail"]
     assert rec.assertions["disabled_equals_base"]["ok"] is False and detail.startswith(said)
     assert "(AttributeError: 'BloomForCausalLM' object has no attribute 'enable_adapter_layers'" in detail
-    run = MethodRun("prompt_tuning", Status.FAIL, f"disabled_equals_base: {detail}", rec.assertions,
+    run = MethodRun("prompt_tuning", Status.WARN, f"disabled_equals_base: {detail}", rec.assertions,
                     failed=["disabled_equals_base"], info={"peft_defects": rec.defects})
     assert "upgrade PEFT to >= 0.4.0" in run.verdict().remediation
     plain = MethodRun("prompt_tuning", Status.FAIL, "x", failed=["disabled_equals_base"])

@@ -78,9 +78,9 @@ class MethodRun:
         remediation = None
         fixed_in = sorted({d.split("fixed in peft ", 1)[1].split(":", 1)[0]
                            for d in self.info.get("peft_defects", []) if "fixed in peft " in d})
-        if self.status in (Status.FAIL, Status.ERROR) and fixed_in:
-            remediation = (f"Failed assertion(s): {', '.join(self.failed)}, by a defect of the installed PEFT that "
-                           f"peft {fixed_in[-1]} fixes: upgrade PEFT to >= {fixed_in[-1]} (the stack's venv "
+        if self.status in (Status.FAIL, Status.ERROR, Status.WARN) and fixed_in:
+            remediation = (f"Failed assertion(s): {', '.join(self.failed)}, by a known defect of the installed PEFT "
+                           f"that peft {fixed_in[-1]} fixes: upgrade PEFT to >= {fixed_in[-1]} (the stack's venv "
                            f"requirements), then rerun: {rerun_hint} --methods {self.method}.")
         elif self.status in (Status.FAIL, Status.ERROR):
             remediation = (f"Failed assertion(s): {', '.join(self.failed) or 'see message'}. Rerun this method alone "

@@ -25,6 +25,7 @@ methods (``checks.finetune.run``, in the pool's workers), TARGET a method name:
     ``base_in_adapter``  a base weight file is written beside the adapter (save_adapter_only)
     ``no_disable``       disable_adapter() does nothing (disabled_equals_base)
     ``no_generate``      generate() returns the prompt without a new token (generate)
+    ``generate_base``    generate() runs with the adapter disabled: the base model's text (generate)
     ``bad_merge``        merge_and_unload's weights are perturbed (merge_logits)
 
 torchrun ranks (``checks.finetune.ranks``), TARGET ``rank<N>``:
@@ -179,6 +180,9 @@ def patch_run(module) -> None:
     def generate(model, **kwargs):
         if "no_generate" in _faults():
             return kwargs["input_ids"]
+        if "generate_base" in _faults():
+            with real["_disabled"](model):
+                return real["_generate"](model, **kwargs)
         return real["_generate"](model, **kwargs)
 
     def remember(fn):
