@@ -48,9 +48,9 @@ def test_the_workers_ran_everything(all_results):
 def only_known_defects(d: dict) -> bool:
     """Every failed assertion is a known defect of the installed PEFT (M.KNOWN_PEFT_DEFECTS, e.g. peft 0.3.0's
     disable_adapter on prompt learning), said as such: an expected failure on that PEFT, not a pass."""
-    defects = d.get("peft_defects") or []
-    return bool(defects) and not d["not_run"] and all(
-        any(d["assertions"][n]["detail"].startswith(x) for x in defects) for n in d["failed"])
+    defects = d.get("peft_defects") or {}
+    return bool(defects) and not d["not_run"] and set(d["failed"]) <= set(defects) and all(
+        d["assertions"][n]["detail"].startswith(defects[n]["defect"]) for n in d["failed"])
 
 
 @pytest.mark.parametrize("name", SEED_AND_VARIANTS + EXTRAS)
@@ -317,7 +317,7 @@ def test_a_keep_dir_reused_for_another_base_never_points_an_adapter_at_the_wrong
     tokenizer = build_tiny_tokenizer()
 
     def env(seed):
-        return SimpleNamespace(source=None, model_name="tiny", kept_base=None, tokenizer=tokenizer,
+        return SimpleNamespace(source=None, model_name="tiny", base_digest=None, tokenizer=tokenizer,
                                base=build_random("tiny", tokenizer, seed=seed))
 
     first = K.write_base(str(tmp_path), env(0))
@@ -400,13 +400,13 @@ def test_a_known_peft_defect_fails_its_assertion_naming_the_release_that_fixes_i
     from checks.finetune.verdict import MethodRun
 
     error = AttributeError("'BloomForCausalLM' object has no attribute 'enable_adapter_layers'")
-    said = M.known_defect("disabled_equals_base", error, installed="0.3.0")
-    assert said.startswith("peft 0.3.0's own defect, fixed in peft 0.4.0: disable_adapter()")
+    said, fixed = M.known_defect("disabled_equals_base", error, installed="0.3.0")
+    assert fixed == "0.4.0" and said.startswith("peft 0.3.0's own defect, fixed in peft 0.4.0: disable_adapter()")
     assert M.known_defect("disabled_equals_base", error, installed="0.4.0.dev0") is None  # the seed's has the fix
     assert M.known_defect("disabled_equals_base", ValueError("other"), installed="0.3.0") is None
     assert M.known_defect("generate", error, installed="0.3.0") is None
     ignored = "the first generated tokens [5] are not ... but the base model's [7]: generate() ignored the adapter"
-    assert M.known_defect("generate", ignored, installed="0.8.2", peft_type="P_TUNING").startswith(
+    assert M.known_defect("generate", ignored, installed="0.8.2", peft_type="P_TUNING")[0].startswith(
         "peft 0.8.2's own defect, fixed in peft 0.9.0")
     assert M.known_defect("generate", ignored, installed="0.9.0", peft_type="P_TUNING") is None
     assert M.known_defect("generate", ignored, installed="0.8.2", peft_type="LORA") is None  # LoRA generates fine
@@ -424,6 +424,10 @@ def test_a_known_peft_defect_fails_its_assertion_naming_the_release_that_fixes_i
     run = MethodRun("prompt_tuning", Status.WARN, f"disabled_equals_base: {detail}", rec.assertions,
                     failed=["disabled_equals_base"], info={"peft_defects": rec.defects})
     assert "upgrade PEFT to >= 0.4.0" in run.verdict().remediation
+    assert rec.defects == {"disabled_equals_base": {"defect": said, "fixed_in": "0.4.0"}}
+    two = {"generate": {"defect": "…", "fixed_in": "0.9.0"}, "merge_logits": {"defect": "…", "fixed_in": "0.10.0"}}
+    run.info["peft_defects"] = two  # the newer release is the one to upgrade to: 0.10.0 (a version, not a string)
+    assert "upgrade PEFT to >= 0.10.0" in run.verdict().remediation
     plain = MethodRun("prompt_tuning", Status.FAIL, "x", failed=["disabled_equals_base"])
     assert "version mismatch is the usual cause" in plain.verdict().remediation
 

@@ -65,14 +65,12 @@ def base_dir_name(model_name: str, digest: str) -> str:
 def write_base(keep_dir: str, env) -> str:
     """The base the adapters point at: the model directory, or the built base saved once under
     DIR/base/<model>-<digest> (written to a temp name and renamed: two workers may race, and they build the
-    same weights). The answer is remembered on ``env``: a worker hashes its base once."""
+    same weights). The digest is remembered on ``env``: a worker hashes its base once."""
     if env.source:
         return os.path.abspath(env.source)
-    if env.kept_base and os.path.isfile(os.path.join(env.kept_base, "config.json")) and \
-            os.path.dirname(os.path.dirname(env.kept_base)) == os.path.abspath(keep_dir):
-        return env.kept_base
-    name = base_dir_name(env.model_name or "model", base_digest(env.base))
-    target = os.path.join(os.path.abspath(keep_dir), BASE, name)
+    if env.base_digest is None:
+        env.base_digest = base_digest(env.base)
+    target = os.path.join(os.path.abspath(keep_dir), BASE, base_dir_name(env.model_name or "model", env.base_digest))
     if not os.path.isfile(os.path.join(target, "config.json")):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.{os.getpid()}.tmp"
@@ -83,7 +81,6 @@ def write_base(keep_dir: str, env) -> str:
             os.rename(tmp, target)
         except OSError:  # another worker got there first
             shutil.rmtree(tmp, ignore_errors=True)
-    env.kept_base = target
     return target
 
 

@@ -6,8 +6,10 @@ config mapping rather than listed here, so a PEFT upgrade brings its new methods
 
 * a method in :data:`KNOWN_SKIPS` is reported as skip with the documented reason;
 * any other method gets its config class's generic defaults (``task_type="CAUSAL_LM"``, and 8
-  virtual tokens for prompt-learning methods); when that config cannot be built, or the method cannot
-  be applied to Bloom with it, the method is a skip carrying the exception text;
+  virtual tokens for prompt-learning methods); where the installed PEFT has no Bloom target modules for
+  it, the ones its LoRA uses for Bloom (``run._apply_planned``, said in the result); when that config
+  cannot be built, or the method cannot be applied to Bloom with it, the method is a skip carrying the
+  exception text;
 * everything else is trained and checked like the seed methods.
 
 Name lists come from :func:`available_names` without importing PEFT (the parent stays light);
@@ -62,9 +64,10 @@ KNOWN_PEFT_DEFECTS = [
 ]
 
 
-def known_defect(assertion: str, failure, installed: str | None = None, peft_type: str | None = None) -> str | None:
-    """What ``failure`` (an exception or a detail) of ``assertion`` is if it is a known defect of the installed
-    PEFT for ``peft_type``, else None."""
+def known_defect(assertion: str, failure, installed: str | None = None,
+                 peft_type: str | None = None) -> tuple[str, str] | None:
+    """(what it is, the release that fixes it) when ``failure`` (an exception or a detail) of ``assertion`` is a
+    known defect of the installed PEFT for ``peft_type``, else None."""
     installed = installed or installed_peft()
     if not installed:
         return None
@@ -73,7 +76,7 @@ def known_defect(assertion: str, failure, installed: str | None = None, peft_typ
     for name, types, fixed, marker, what in KNOWN_PEFT_DEFECTS:
         if (name == assertion and marker in str(failure) and (types is None or peft_type is None or peft_type in types)
                 and Version(installed).release < Version(fixed).release):
-            return f"peft {installed}'s own defect, fixed in peft {fixed}: {what}"
+            return f"peft {installed}'s own defect, fixed in peft {fixed}: {what}", fixed
     return None
 
 

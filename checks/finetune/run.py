@@ -81,7 +81,7 @@ class Env:
     info: dict = field(default_factory=dict)
     source: str | None = None  # the model directory it was loaded from; None for a built (tiny/random) model
     model_name: str | None = None  # the model spec's name (tiny, random:bloomz-560m, a path)
-    kept_base: str | None = None  # where --keep saved this built base (keep.write_base)
+    base_digest: str | None = None  # sha256 of the built base's weights, once --keep needed it (keep.write_base)
 
 
 def pick_device() -> tuple[torch.device, torch.dtype | None]:
@@ -193,7 +193,8 @@ class _Record:
         self.metrics: dict = {}
         self.stage = "apply"  # the assertion an unexpected exception is charged to
         self.grad_problems: list[str] = []  # adapter_only_grads' findings at the first backward
-        self.defects: list[str] = []  # known defects of the installed PEFT that failed an assertion
+        # assertion -> {"defect", "fixed_in"}: the known defects of the installed PEFT that failed an assertion
+        self.defects: dict[str, dict[str, str]] = {}
 
     def put(self, name: str, ok: bool | None, detail: str) -> bool | None:
         self.assertions[name] = {"ok": ok, "detail": detail}
@@ -208,10 +209,10 @@ class _Record:
         """``name`` failed; when that is a known defect of the installed PEFT, said first, with the detail behind."""
         from checks.finetune.methods import known_defect
 
-        defect = known_defect(name, detail, peft_type=self.peft_type)
-        if defect:
-            self.defects.append(defect)
-            detail = f"{defect} ({detail})"
+        known = known_defect(name, detail, peft_type=self.peft_type)
+        if known:
+            self.defects[name] = {"defect": known[0], "fixed_in": known[1]}
+            detail = f"{known[0]} ({detail})"
         self.put(name, False, detail)
 
     def not_run(self, names, why: str) -> None:
@@ -325,8 +326,7 @@ def run_method(plan: Plan, env: Env, steps: int, lr: float | None = None, on_ste
         if not_run:
             parts.append(f"not run: {', '.join(not_run)}")
         # Only known defects of the installed PEFT: a warning (the node is sound; that PEFT release is not)
-        defects_only = not not_run and all(any(rec.assertions[n]["detail"].startswith(d) for d in rec.defects)
-                                           for n in failed)
+        defects_only = not not_run and set(failed) <= set(rec.defects)
         run.status, run.message = Status.WARN if defects_only else Status.FAIL, "; ".join(parts)
     else:
         run.message = summary(run)

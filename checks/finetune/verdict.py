@@ -76,11 +76,13 @@ class MethodRun:
             expected["loss_after"] = Value(f"<= {m['loss_before'] * (1 - floor):.3f}" if floor
                                            else f"< {m['loss_before']:.3f}")
         remediation = None
-        fixed_in = sorted({d.split("fixed in peft ", 1)[1].split(":", 1)[0]
-                           for d in self.info.get("peft_defects", []) if "fixed in peft " in d})
-        if self.status in (Status.FAIL, Status.ERROR, Status.WARN) and fixed_in:
+        defects = self.info.get("peft_defects") or {}
+        if self.status in (Status.FAIL, Status.ERROR, Status.WARN) and defects:
+            from packaging.version import Version
+
+            fixed_in = max((d["fixed_in"] for d in defects.values()), key=Version)
             remediation = (f"Failed assertion(s): {', '.join(self.failed)}, by a known defect of the installed PEFT "
-                           f"that peft {fixed_in[-1]} fixes: upgrade PEFT to >= {fixed_in[-1]} (the stack's venv "
+                           f"that peft {fixed_in} fixes: upgrade PEFT to >= {fixed_in} (the stack's venv "
                            f"requirements), then rerun: {rerun_hint} --methods {self.method}.")
         elif self.status in (Status.FAIL, Status.ERROR):
             remediation = (f"Failed assertion(s): {', '.join(self.failed) or 'see message'}. Rerun this method alone "
